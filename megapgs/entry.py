@@ -1,0 +1,87 @@
+"""The command line of `pretrain.py` and `launch/pretrain.py`: config -> ranks -> data -> plan -> run.
+
+    python pretrain.py                                   # the embedded default, configs/tiny_cpu.json
+    python pretrain.py --config configs/vitb16_pgs03.json --set train.steps=100
+    deepspeed --hostfile launch/hostfile launch/pretrain.py --config configs/vitl_pgs03.json
+
+Under `deepspeed` the launcher exports RANK/LOCAL_RANK/WORLD_SIZE and appends `--local_rank`;
+a plain `python` run is one rank.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Sequence
+
+from rich.table import Table
+
+from megapgs.config import ConfigError, load_config
+from megapgs.data.prepare import DataError, prepare_data
+from megapgs.dist import init_distributed
+from megapgs.log import console, setup_logging
+from megapgs.train.plan import RunPlan, plan_run
+
+log = logging.getLogger("megapgs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pretrain.py", description="Train a CLIP model with PGS masking.")
+    parser.add_argument("--config", metavar="PATH",
+                        help="run config JSON (default: configs/tiny_cpu.json, the embedded default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override one config value, e.g. --set optim.lr=5e-4 (repeatable); "
+                             "see `python -m megapgs.config --explain`")
+    parser.add_argument("--resume", metavar="WHAT", help="same as --set train.resume=WHAT (auto, none, a path)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed's
+    return parser
+
+
+def plan_table(cfg, plan: RunPlan, data_text: str) -> Table:
+    table = Table(title="megapgs run", show_header=False, title_justify="left")
+    k_min, k_max = plan.kept_tokens
+    kept = f"{k_min}..{k_max} of {plan.image_tokens} patches" if k_min != k_max else \
+        f"{k_max} of {plan.image_tokens} patches"
+    epochs = f" (~{plan.epochs:.2f} epochs)" if plan.epochs else ""
+    rows = [
+        ("model", f"{cfg.model.arch} (embed {plan.arch.embed_dim}, vision {plan.arch.vision.layers}x"
+                  f"{plan.arch.vision.width}, text {plan.arch.text.layers}x{plan.arch.text.width}), "
+                  f"attention {cfg.model.attention}"),
+        ("masking", f"{cfg.pgs.masking}: keeps {kept} per image in training"),
+        ("data", data_text),
+        ("batch", f"{plan.global_batch_size} = {plan.micro_batch_size} per rank x {plan.world_size} ranks "
+                  f"x {plan.grad_accum_steps} accumulation"),
+        ("schedule", f"{plan.total_steps:,} steps{epochs}, lr {cfg.optim.lr:g} ({cfg.optim.schedule}, "
+                     f"{cfg.optim.warmup_steps} warmup)"),
+        ("engine", f"DeepSpeed ZeRO-{cfg.zero_stage}, {cfg.precision}"),
+        ("output", cfg.train.output_dir),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    dist = init_distributed()
+    setup_logging(cfg.log.level, dist.rank)
+    started = time.perf_counter()
+    try:
+        data = prepare_data(cfg, dist)
+        plan = plan_run(cfg, dist, data)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+    if dist.is_main:
+        console.print(plan_table(cfg, plan, data.describe()))
+        print(f"megapgs: config valid, data ready in {time.perf_counter() - started:.1f} s "
+              f"({data.describe()}). Training is not built yet (the model, PGS and engine issues): "
+              "nothing was trained.", flush=True)
+    return 0

@@ -1,0 +1,17 @@
+"""Logging set-up: rich, readable lines on rank 0; warnings and errors only on the other ranks."""
+from __future__ import annotations
+
+import logging
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+console = Console(stderr=True)
+
+
+def setup_logging(level: str, rank: int) -> None:
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=True, markup=False)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if rank else "%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper() if rank == 0 else logging.WARNING)
