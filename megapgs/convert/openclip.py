@@ -1,0 +1,42 @@
+"""The key map between megapgs and OpenCLIP state dicts.
+
+The towers are OpenCLIP's parameter for parameter, so the map is a renaming: OpenCLIP keeps the
+text tower's parameters at the top level of its CLIP, megapgs under `text.`; the image tower
+(`visual.`) and `logit_scale` have the same names in both. Shapes are checked key by key.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+TEXT_PREFIX = "text."
+
+
+def to_openclip_key(key: str) -> str:
+    return key[len(TEXT_PREFIX):] if key.startswith(TEXT_PREFIX) else key
+
+
+def from_openclip_key(key: str) -> str:
+    return key if key.startswith("visual.") or key == "logit_scale" else TEXT_PREFIX + key
+
+
+def _renamed(state: Mapping[str, torch.Tensor], rename, expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {rename(key): value for key, value in state.items()}
+    missing, unexpected = sorted(set(expected) - set(out)), sorted(set(out) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"state dicts do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, value in out.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{key}: shape {tuple(value.shape)} where {tuple(expected[key].shape)} is expected")
+    return out
+
+
+def to_openclip(state: Mapping[str, torch.Tensor], openclip_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """megapgs state dict -> OpenCLIP's, checked against the keys and shapes of `openclip_state`."""
+    return _renamed(state, to_openclip_key, openclip_state)
+
+
+def from_openclip(openclip_state: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenCLIP state dict -> megapgs's, checked against the keys and shapes of `state`."""
+    return _renamed(openclip_state, from_openclip_key, state)

@@ -1,0 +1,73 @@
+"""The CLIP model: an image tower, a text tower and a learnable temperature; and its builder.
+
+DeepSpeed stays out of here: the model takes images, token ids and (in training) a keep function
+for the image tokens, and returns normalised embeddings and the logit scale.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megapgs.config import ModelConfig
+from megapgs.models.archs import ArchSpec, get_arch
+from megapgs.models.attention import resolve_backend
+from megapgs.models.text import TextTower
+from megapgs.models.vit import KeepFn, VisionTower
+
+log = logging.getLogger(__name__)
+
+LOGIT_SCALE_MAX = 100.0
+
+
+class CLIP(nn.Module):
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        self.spec = spec
+        self.visual = VisionTower(spec.vision, spec.embed_dim)
+        self.text = TextTower(spec.text, spec.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, images_BCHW: torch.Tensor, keep: KeepFn | None = None, normalize: bool = True) -> torch.Tensor:
+        features = self.visual(images_BCHW, keep)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens_BC: torch.Tensor, lengths: torch.Tensor | list[int] | None = None,
+                    normalize: bool = True) -> torch.Tensor:
+        features = self.text(tokens_BC, lengths)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images_BCHW: torch.Tensor, tokens_BC: torch.Tensor,
+                text_lengths: torch.Tensor | list[int] | None = None,
+                keep: KeepFn | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image embeddings (B, E), text embeddings (B, E), both unit-norm; logit scale, at most 100)."""
+        return (self.encode_image(images_BCHW, keep), self.encode_text(tokens_BC, text_lengths),
+                self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX))
+
+    def set_attention(self, backend: str) -> None:
+        self.visual.transformer.backend = backend
+        self.text.transformer.backend = backend
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        self.visual.transformer.grad_checkpointing = enabled
+        self.text.transformer.grad_checkpointing = enabled
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                training: bool = True) -> CLIP:
+    """The configured CLIP on `device`: attention back-end resolved once for the device and the
+    compute dtype, activation checkpointing and per-block torch.compile as configured."""
+    device = torch.device(device)
+    model = CLIP(get_arch(cfg.arch)).to(device)
+    backend = resolve_backend(cfg.attention, device, dtype, training)
+    log.info("attention back-end: %s (requested %s)", backend, cfg.attention)
+    model.set_attention(backend)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.compile:
+        for tower in (model.visual, model.text):
+            for block in tower.transformer.resblocks:
+                block.compile()
+    return model

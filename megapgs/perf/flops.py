@@ -1,0 +1,66 @@
+"""FLOPs of a packed CLIP step, counted from the sequence lengths (for MFU).
+
+Counted: every matmul (2 FLOPs per multiply-add) and attention's two batched products
+(q·kᵀ and p·v) over each sequence's own length, which is what packed varlen kernels compute.
+Causal attention computes about half its score matrix; flash kernels skip the rest, so it counts
+half. Norms, softmax, GELU and embedding look-ups are left out (a few percent, by convention).
+Training = 3 x forward (backward ~ 2 x forward); recomputation from activation checkpointing is
+not counted, as in the usual MFU definition.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from megapgs.models.archs import ArchSpec
+from megapgs.models.packed import Packed
+
+# Dense bf16 peak of one GPU, by a substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def _lengths(packed_or_lengths: Packed | Sequence[int] | torch.Tensor) -> torch.Tensor:
+    if isinstance(packed_or_lengths, Packed):
+        if packed_or_lengths.host_lengths is None:
+            raise ValueError("this Packed has no host lengths; build it with Packed.from_lengths")
+        return packed_or_lengths.host_lengths
+    return torch.as_tensor(packed_or_lengths, dtype=torch.int64, device="cpu")
+
+
+def transformer_flops(lengths: Packed | Sequence[int] | torch.Tensor, width: int, mlp_width: int, layers: int,
+                      causal: bool) -> int:
+    """Forward FLOPs of `layers` pre-LN blocks over packed sequences of these lengths."""
+    lens = _lengths(lengths)
+    tokens, sum_sq = int(lens.sum()), int((lens * lens).sum())
+    linear = 2 * tokens * (3 * width * width + width * width + 2 * width * mlp_width)
+    scores = 2 * 2 * sum_sq * width  # q·kᵀ and p·v, all heads together
+    return layers * (linear + (scores // 2 if causal else scores))
+
+
+def clip_forward_flops(spec: ArchSpec, image_lengths: Packed | Sequence[int] | torch.Tensor,
+                       text_lengths: Packed | Sequence[int] | torch.Tensor) -> dict[str, int]:
+    """Forward FLOPs of one CLIP batch: image sequences (CLS + kept patches) and text sequences."""
+    v, t = spec.vision, spec.text
+    batch = len(_lengths(image_lengths))
+    patch_embed = 2 * batch * v.num_patches * 3 * v.patch_size**2 * v.width  # every patch, before PGS
+    vision = patch_embed + transformer_flops(image_lengths, v.width, v.mlp_width, v.layers, causal=False) \
+        + 2 * batch * v.width * spec.embed_dim
+    text = transformer_flops(text_lengths, t.width, t.mlp_width, t.layers, causal=True) \
+        + 2 * len(_lengths(text_lengths)) * t.width * spec.embed_dim
+    return {"vision": vision, "text": text, "total": vision + text}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of this GPU, or None when unknown (MFU is then not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def mfu(train_flops_per_step: float, step_seconds: float, peak: float | None, world_size: int = 1) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s per GPU over the GPU's peak."""
+    if peak is None or step_seconds <= 0:
+        return None
+    return train_flops_per_step / step_seconds / world_size / peak
