@@ -71,15 +71,19 @@ def num_candidates(candidate_ratio: float, num_patches: int) -> int:
     return max(1, int(candidate_ratio * num_patches + 0.5))
 
 
-def edge_scores(images_BCHW: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, L) per-patch Sobel edge score in [0, 1] (step 1): Sobel on the grey image's pixels,
-    mean magnitude per patch, min-max normalised per image. The border is replicated, so the
-    frame of the image is not an edge."""
+def sobel_magnitude(images_BCHW: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) Sobel gradient magnitude of the grey (channel-mean) image. The border is
+    replicated, so the frame of the image is not an edge."""
     grey = images_BCHW.float().mean(dim=1, keepdim=True)                        # (B,1,H,W)
     kernels = torch.stack([_SOBEL_X, _SOBEL_X.t()])[:, None].to(grey.device)   # (2,1,3,3)
     grads = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernels)     # (B,2,H,W)
-    magnitude = grads.square().sum(dim=1, keepdim=True).sqrt()                 # (B,1,H,W)
-    scores = F.avg_pool2d(magnitude, patch_size).flatten(1)                    # (B,L)
+    return grads.square().sum(dim=1, keepdim=True).sqrt()
+
+
+def edge_scores(images_BCHW: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, L) per-patch edge score in [0, 1] (step 1): Sobel on the image's pixels, mean
+    magnitude per patch, min-max normalised per image."""
+    scores = F.avg_pool2d(sobel_magnitude(images_BCHW), patch_size).flatten(1)   # (B,L)
     low = scores.amin(dim=1, keepdim=True)
     high = scores.amax(dim=1, keepdim=True)
     return (scores - low) / (high - low + 1e-6)
