@@ -95,7 +95,7 @@ def main() -> None:
         def train_step() -> None:
             keep = masker()
             with autocast:
-                image_emb, text_emb, scale = model(images, text, text_lengths, keep)
+                image_emb, text_emb, scale, _ = model(images, text, text_lengths, keep)
                 logits = scale * image_emb @ text_emb.t()
                 loss = (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.t().float(), labels)) / 2
             loss.backward()

@@ -2,7 +2,7 @@
 
 The towers are OpenCLIP's parameter for parameter, so the map is a renaming: OpenCLIP keeps the
 text tower's parameters at the top level of its CLIP, megapgs under `text.`; the image tower
-(`visual.`) and `logit_scale` have the same names in both. Shapes are checked key by key.
+(`visual.`), `logit_scale` and SigLIP's `logit_bias` have the same names in both. Shapes are checked key by key.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def to_openclip_key(key: str) -> str:
 
 
 def from_openclip_key(key: str) -> str:
-    return key if key.startswith("visual.") or key == "logit_scale" else TEXT_PREFIX + key
+    return key if key.startswith("visual.") or key in ("logit_scale", "logit_bias") else TEXT_PREFIX + key
 
 
 def _renamed(state: Mapping[str, torch.Tensor], rename, expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,12 +1,15 @@
 """The CLIP model: an image tower, a text tower and a learnable temperature; and its builder.
 
 DeepSpeed stays out of here: the model takes images, token ids and (in training) a keep function
-for the image tokens, and returns normalised embeddings and the logit scale.
+for the image tokens, and returns normalised embeddings, the logit scale and (for the SigLIP
+loss) the logit bias. Everything the loss needs comes out of forward, so ZeRO-3, which gathers
+parameters only inside forward, needs no special cases.
 """
 from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +26,23 @@ log = logging.getLogger(__name__)
 LOGIT_SCALE_MAX = 100.0
 
 
+class CLIPOutput(NamedTuple):
+    image: torch.Tensor                # (B, E) unit-norm
+    text: torch.Tensor                 # (B, E) unit-norm
+    logit_scale: torch.Tensor          # 0-d, exp of the parameter, at most 100
+    logit_bias: torch.Tensor | None    # 0-d SigLIP bias, None for CLIP's loss
+
+
 class CLIP(nn.Module):
-    def __init__(self, spec: ArchSpec):
+    def __init__(self, spec: ArchSpec, init_logit_scale: float = math.log(1 / 0.07),
+                 init_logit_bias: float | None = None):
+        """OpenCLIP's initial temperature; SigLIP uses init_logit_scale=log(10), init_logit_bias=-10."""
         super().__init__()
         self.spec = spec
         self.visual = VisionTower(spec.vision, spec.embed_dim)
         self.text = TextTower(spec.text, spec.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
 
     def encode_image(self, images_BCHW: torch.Tensor, keep: KeepFn | None = None, normalize: bool = True) -> torch.Tensor:
         features = self.visual(images_BCHW, keep)
@@ -42,10 +55,10 @@ class CLIP(nn.Module):
 
     def forward(self, images_BCHW: torch.Tensor, tokens_BC: torch.Tensor,
                 text_lengths: torch.Tensor | list[int] | None = None,
-                keep: KeepFn | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(image embeddings (B, E), text embeddings (B, E), both unit-norm; logit scale, at most 100)."""
-        return (self.encode_image(images_BCHW, keep), self.encode_text(tokens_BC, text_lengths),
-                self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX))
+                keep: KeepFn | None = None) -> CLIPOutput:
+        return CLIPOutput(self.encode_image(images_BCHW, keep), self.encode_text(tokens_BC, text_lengths),
+                          self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX),
+                          self.logit_bias)
 
     def set_attention(self, backend: str) -> None:
         self.visual.transformer.backend = backend
@@ -57,11 +70,13 @@ class CLIP(nn.Module):
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                training: bool = True) -> CLIP:
+                training: bool = True, siglip: bool = False) -> CLIP:
     """The configured CLIP on `device`: attention back-end resolved once for the device and the
-    compute dtype, activation checkpointing and per-block torch.compile as configured."""
+    compute dtype, activation checkpointing and per-block torch.compile as configured. `siglip`
+    adds the logit bias and SigLIP's initial temperature."""
     device = torch.device(device)
-    model = CLIP(get_arch(cfg.arch)).to(device)
+    spec = get_arch(cfg.arch)
+    model = (CLIP(spec, init_logit_scale=math.log(10), init_logit_bias=-10.0) if siglip else CLIP(spec)).to(device)
     backend = resolve_backend(cfg.attention, device, dtype, training)
     log.info("attention back-end: %s (requested %s)", backend, cfg.attention)
     model.set_attention(backend)
