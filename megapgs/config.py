@@ -109,6 +109,7 @@ class DataConfig(_Section):
     loader: Literal["auto", "wds", "dali", "nvjpeg"] = Field(
         "auto", description="auto: DALI on GPU when installed, else webdataset+PIL")
     workers: int = Field(2, ge=0, description="loader worker processes per rank")
+    timeout_s: float = Field(600.0, gt=0, description="seconds to wait for a batch from the loader workers, then stop")
     shuffle_buffer: int = Field(1000, ge=0, description="samples in the shuffle buffer (0: no shuffle)")
     resampled: bool = Field(False, description="draw shards with replacement per rank (multi-node)")
     samples_per_epoch: int | None = Field(
@@ -178,6 +179,9 @@ class TrainConfig(_Section):
         if self.global_batch_size % self.micro_batch_size:
             raise FieldProblem("global_batch_size", f"must be a multiple of train.micro_batch_size "
                             f"= {self.micro_batch_size} (got {self.global_batch_size})")
+        if self.local_loss and not self.gather_with_grad:
+            raise FieldProblem("local_loss", "needs train.gather_with_grad: true (without it the gradient "
+                               "misses the other ranks' rows)")
         return self
 
 

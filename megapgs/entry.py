@@ -21,6 +21,7 @@ from megapgs.config import ConfigError, load_config
 from megapgs.data.prepare import DataError, prepare_data
 from megapgs.dist import init_distributed
 from megapgs.log import console, setup_logging
+from megapgs.train.loop import RunSummary, train
 from megapgs.train.plan import RunPlan, plan_run
 
 log = logging.getLogger("megapgs")
@@ -81,7 +82,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if dist.is_main:
         console.print(plan_table(cfg, plan, data.describe()))
-        print(f"megapgs: config valid, data ready in {time.perf_counter() - started:.1f} s "
-              f"({data.describe()}). Training is not built yet (the model, PGS and engine issues): "
-              "nothing was trained.", flush=True)
+        log.info("config valid, data ready in %.1f s", time.perf_counter() - started)
+    try:
+        summary = train(cfg, dist, data, plan)
+    except DataError as err:
+        log.error("%s", err)
+        return 2
+    if dist.is_main:
+        print(summary_line(summary, cfg.train.output_dir), flush=True)
     return 0
+
+
+def summary_line(summary: RunSummary, output_dir: str) -> str:
+    """The one line a run ends with: what was trained, how fast, and how good it is."""
+    parts = [f"megapgs: trained {summary.steps_run:,} steps (to step {summary.final_step:,}, "
+             f"{summary.samples_seen:,} samples) in {summary.seconds / 60:.1f} min"]
+    if summary.last_loss is not None:
+        parts.append(f"final loss {summary.last_loss:.4f}")
+    if "zeroshot_top1" in summary.eval:
+        parts.append(f"zero-shot top-1 {summary.eval['zeroshot_top1']:.2f}% "
+                     f"(top-5 {summary.eval['zeroshot_top5']:.2f}%) on {int(summary.eval['eval_samples']):,} "
+                     "held-out images")
+    if "image_to_text_R@1" in summary.eval:
+        parts.append(f"retrieval R@1 image->text {summary.eval['image_to_text_R@1']:.2f}%, "
+                     f"text->image {summary.eval['text_to_image_R@1']:.2f}%")
+    skipped = sum(summary.skips.values())
+    parts.append(f"skipped {skipped:,} bad samples" + (f" ({summary.skips})" if skipped else ""))
+    parts.append(f"checkpoints and metrics in {output_dir}")
+    return "; ".join(parts) + "."

@@ -59,6 +59,7 @@ BAD_CONFIGS = {
     "steps and epochs": (lambda r: r["train"].update(epochs=2), "train.steps", "exactly one"),
     "batch split": (lambda r: r["train"].update(global_batch_size=100, micro_batch_size=64), "train.global_batch_size", "multiple"),
     "crop scale": (lambda r: r["data"].update(crop_scale=[0.9, 0.5]), "data.crop_scale", "low <= high"),
+    "loader timeout": (lambda r: r["data"].update(timeout_s=0), "data.timeout_s", "greater than 0"),
     "deepspeed batch key": (lambda r: r["deepspeed"].update(train_batch_size=64), "deepspeed.train_batch_size", "set by megapgs"),
     "deepspeed zero stage": (lambda r: r["deepspeed"]["zero_optimization"].update(stage=4), "deepspeed.zero_optimization.stage", "0, 1, 2, 3"),
     "deepspeed zero key": (lambda r: r["deepspeed"]["zero_optimization"].update(overlap_com=True),

@@ -21,8 +21,16 @@ def from_openclip_key(key: str) -> str:
     return key if key.startswith("visual.") or key in ("logit_scale", "logit_bias") else TEXT_PREFIX + key
 
 
+# OpenCLIP keeps these as 0-d tensors; megapgs as shape (1,), because DeepSpeed's model broadcast
+# views every parameter as bytes, which a 0-d tensor cannot do. The one place shapes differ.
+SCALAR_KEYS = ("logit_scale", "logit_bias")
+
+
 def _renamed(state: Mapping[str, torch.Tensor], rename, expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {rename(key): value for key, value in state.items()}
+    for key in SCALAR_KEYS:
+        if key in out and key in expected and out[key].numel() == 1:
+            out[key] = out[key].reshape(expected[key].shape)
     missing, unexpected = sorted(set(expected) - set(out)), sorted(set(out) - set(expected))
     if missing or unexpected:
         raise KeyError(f"state dicts do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")

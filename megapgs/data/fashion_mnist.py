@@ -46,7 +46,7 @@ RAW_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 CAPTION_SEED = 0  # captions are part of the data set, not of a run: fixed
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: DALI index files beside the shards
 STAMP = "prepared.json"
 
 

@@ -13,14 +13,12 @@ import braceexpand
 
 from megapgs.config import Config
 from megapgs.data.fashion_mnist import locate_raw, prepare_fashion_mnist
+from megapgs.data.faults import DataError
 from megapgs.data.shards import MANIFEST, read_manifest
 from megapgs.dist import DistInfo
 
 log = logging.getLogger(__name__)
-
-
-class DataError(RuntimeError):
-    """The configured data cannot be found or read; the message says which key and what to do."""
+__all__ = ["DataError", "DataPlan", "prepare_data", "resolve_shards"]
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,23 @@
 """Writing webdataset shards, and the manifest that tells a loader the epoch size without a scan.
 
 A shard set is a folder of `0.tar, 1.tar, ...` (clip_benchmark's webdataset layout, with its
-`nshards.txt`) plus `manifest.json`: the shard files in order with their sample counts.
+`nshards.txt`), one DALI index per shard (`0.idx, ...`, the format of DALI's `wds2idx`), plus
+`manifest.json`: the shard files in order with their sample counts and index files.
 """
 from __future__ import annotations
 
 import json
 import os
+import tarfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import webdataset as wds
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from webdataset.tariterators import base_plus_ext
+
+from megapgs.data.faults import SkipCounter
 from megapgs.log import console
 
 MANIFEST = "manifest.json"
@@ -29,6 +34,7 @@ def write_shards(samples: Iterable[dict], out_dir: Path, shard_size: int, total:
     """Write `samples` (webdataset dicts with a `__key__`) into `out_dir`; return the manifest.
 
     Shards hold `shard_size` samples each (the last one fewer). A progress bar shows the count.
+    Each shard gets its DALI index (`{i}.idx`) once it is complete.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     counts: list[int] = []  # samples per shard, in shard order
@@ -42,14 +48,46 @@ def write_shards(samples: Iterable[dict], out_dir: Path, shard_size: int, total:
                 bar.update(task, rate=f"shard {shard_index}")
             counts[shard_index] += 1
             bar.advance(task)
+    for i in range(len(counts)):
+        write_dali_index(out_dir / f"{i}.tar", out_dir / f"{i}.idx")
     manifest = {
         "format": MANIFEST_FORMAT,
         "samples": sum(counts),
-        "shards": [{"path": f"{i}.tar", "samples": n} for i, n in enumerate(counts)],
+        "shards": [{"path": f"{i}.tar", "samples": n, "index": f"{i}.idx"} for i, n in enumerate(counts)],
     }
     write_json_atomic(out_dir / MANIFEST, manifest)
     (out_dir / "nshards.txt").write_text(f"{len(counts)}\n")
     return manifest
+
+
+def write_dali_index(tar_path: Path, idx_path: Path) -> int:
+    """Write the index DALI's `fn.readers.webdataset` reads (`index_paths`); return the sample count.
+
+    The format is DALI's `wds2idx` v1.2: a line `v1.2 <samples>`, then one line per sample with
+    `<ext> <data offset> <size> <member name>` for each of its files, in tar order. `wds2idx`
+    shells out to GNU tar twice per shard; reading the headers with tarfile gives the same text.
+    """
+    samples: list[list[str]] = []  # per sample: "ext offset size name" of each file
+    last_key = None
+    with tarfile.open(tar_path, mode="r:") as archive:
+        for member in archive:
+            if not member.isreg():
+                continue
+            name = member.name
+            dot = name.find(".", name.rfind("/") + 1)
+            key, ext = name[:dot], name[dot + 1:]
+            if dot < 0 or not key or key.endswith("/"):
+                continue
+            entry = f"{ext} {member.offset_data} {member.size} {name}"
+            if key != last_key:
+                samples.append([entry])
+                last_key = key
+            else:
+                samples[-1].append(entry)
+    if not samples:
+        raise ValueError(f"{tar_path} holds no samples; DALI cannot index an empty shard")
+    idx_path.write_text(f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
+    return len(samples)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -75,3 +113,87 @@ def read_manifest(path: Path) -> dict:
 def iter_manifest_urls(manifest: dict) -> Iterator[str]:
     for shard in manifest["shards"]:
         yield shard["path"]
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_shard(path: str, skips: SkipCounter) -> Iterator[dict]:
+    """The complete samples of one local shard, in tar order: webdataset dicts (`__key__`,
+    `__url__`, one bytes value per extension, lower-cased).
+
+    A missing or zero-byte file, a tar without samples, and a tar cut short or corrupt from some
+    point on are counted in `skips` (`shard_missing`, `shard_empty`, `tar_truncated`); a truncated
+    tar still yields the samples stored completely before the damage (but for the one before a
+    damaged member header, which may lack members the reader cannot know of). webdataset's own tar
+    iterator ends silently when a cut falls on a member header, so we read with tarfile and check
+    that the archive ends with tar's end-of-archive block.
+    """
+    try:
+        stream = open(path, "rb")
+    except OSError as err:
+        skips.add("shard_missing", path, err.strerror or str(err))
+        return
+    with stream:
+        size = os.fstat(stream.fileno()).st_size
+        if size == 0:
+            skips.add("shard_empty", path, "zero bytes")
+            return
+        sample: dict | None = None
+        reading: str | None = None  # the key of the member being read
+        delivered = 0
+        try:
+            with tarfile.open(fileobj=stream, mode="r:") as archive:
+                for member in archive:
+                    archive.members = []  # tarfile keeps every header otherwise
+                    if not member.isreg() or member.name.startswith("__"):
+                        continue
+                    key, ext = base_plus_ext(member.name)
+                    if key is None:
+                        continue
+                    reading = key
+                    data = archive.extractfile(member).read()  # raises ReadError on a cut
+                    if sample is None or key != sample["__key__"]:
+                        if sample is not None:
+                            yield sample
+                            delivered += 1
+                        sample = {"__key__": key, "__url__": path}
+                    sample[ext.lower()] = data
+                end_offset = archive.offset
+            stream.seek(end_offset)
+            if stream.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"no end-of-archive block at byte {end_offset} of {size}")
+        except (tarfile.TarError, OSError, EOFError) as err:
+            # The held sample is complete when the damage is in a member of the next sample; when
+            # the damage is in a header we cannot know whose, so it is lost with the rest.
+            if sample is not None and reading is not None and reading != sample["__key__"]:
+                yield sample
+                delivered += 1
+            skips.add("tar_truncated", path, f"after {delivered} samples: {err}")
+            return
+        if sample is not None:
+            yield sample
+            delivered += 1
+        if delivered == 0:
+            skips.add("shard_empty", path, "a tar without samples")
+
+
+def count_samples(shards: Sequence[str]) -> int:
+    """Samples in these shards, as written: from the manifests beside them, else the first line
+    of their DALI indexes, else a scan of their tar headers (local files only)."""
+    known: dict[str, int] = {}  # absolute shard path -> samples, from manifests
+    for folder in {Path(s).resolve().parent for s in shards}:
+        if (folder / MANIFEST).is_file():
+            try:
+                known.update((s["path"], s["samples"]) for s in read_manifest(folder / MANIFEST)["shards"])
+            except (ValueError, KeyError):
+                pass
+    total = 0
+    for shard in shards:
+        path = Path(shard).resolve()
+        if str(path) in known:
+            total += known[str(path)]
+        elif path.with_suffix(".idx").is_file():
+            total += int(path.with_suffix(".idx").read_text().split(maxsplit=2)[1])
+        elif path.is_file():
+            total += sum(1 for _ in read_shard(shard, SkipCounter()))
+    return total

@@ -41,8 +41,10 @@ class CLIP(nn.Module):
         self.spec = spec
         self.visual = VisionTower(spec.vision, spec.embed_dim)
         self.text = TextTower(spec.text, spec.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+        # shape (1,), not OpenCLIP's 0-d: DeepSpeed's model broadcast cannot view a 0-d tensor as bytes
+        # (convert/openclip.py reshapes them)
+        self.logit_scale = nn.Parameter(torch.tensor([float(init_logit_scale)]))
+        self.logit_bias = nn.Parameter(torch.tensor([float(init_logit_bias)])) if init_logit_bias is not None else None
 
     def encode_image(self, images_BCHW: torch.Tensor, keep: KeepFn | None = None, normalize: bool = True) -> torch.Tensor:
         features = self.visual(images_BCHW, keep)
@@ -57,8 +59,8 @@ class CLIP(nn.Module):
                 text_lengths: torch.Tensor | list[int] | None = None,
                 keep: KeepFn | None = None) -> CLIPOutput:
         return CLIPOutput(self.encode_image(images_BCHW, keep), self.encode_text(tokens_BC, text_lengths),
-                          self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX),
-                          self.logit_bias)
+                          self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX).reshape(()),
+                          self.logit_bias.reshape(()) if self.logit_bias is not None else None)
 
     def set_attention(self, backend: str) -> None:
         self.visual.transformer.backend = backend

@@ -1,0 +1,76 @@
+"""OpenCLIP's image transforms on PIL images, with the random draw made explicit.
+
+Train (`augment: true`): RandomResizedCrop(image_size, scale=crop_scale, ratio=(3/4, 4/3),
+bicubic) -> ToTensor -> Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD), as OpenCLIP's
+`image_transform(is_train=True)` without its optional extras. Eval (and `augment: false`):
+Resize(shorter side = image_size, bicubic) -> CenterCrop(image_size) -> ToTensor -> Normalize.
+
+torchvision's RandomResizedCrop draws from the process-global torch RNG; here each sample's crop
+comes from its own `random.Random`, seeded from (run seed, epoch, place in the stream), so that a
+stream is a pure function of its position (exact resume) and never touches the trainer's RNG.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+
+import torch
+import torchvision.transforms.functional as TF
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any printable parts, the same in every process (unlike `hash()`)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def crop_params(width: int, height: int, scale: tuple[float, float], rng: random.Random,
+                ratio: tuple[float, float] = CROP_RATIO) -> tuple[int, int, int, int]:
+    """(top, left, crop height, crop width): torchvision's RandomResizedCrop.get_params, drawn
+    from `rng`. Ten tries at a random area and aspect ratio, then a centred crop of the nearest
+    allowed ratio."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        crop_w = int(round(math.sqrt(target_area * aspect)))
+        crop_h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = rng.randint(0, height - crop_h)
+            left = rng.randint(0, width - crop_w)
+            return top, left, crop_h, crop_w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        crop_w, crop_h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        crop_h, crop_w = height, int(round(height * max(ratio)))
+    else:
+        crop_w, crop_h = width, height
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
+def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32: ToTensor then CLIP's per-channel normalisation."""
+    return TF.normalize(TF.to_tensor(image), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+
+
+def train_transform(image: Image.Image, image_size: int, scale: tuple[float, float],
+                    rng: random.Random) -> torch.Tensor:
+    """RGB PIL image -> (3, image_size, image_size) float32, random resized crop."""
+    top, left, crop_h, crop_w = crop_params(image.width, image.height, scale, rng)
+    cropped = TF.resized_crop(image, top, left, crop_h, crop_w, [image_size, image_size],
+                              interpolation=InterpolationMode.BICUBIC)
+    return to_normalized_tensor(cropped)
+
+
+def eval_transform(image: Image.Image, image_size: int) -> torch.Tensor:
+    """RGB PIL image -> (3, image_size, image_size) float32: resize the shorter side, centre crop."""
+    resized = TF.resize(image, image_size, interpolation=InterpolationMode.BICUBIC)
+    return to_normalized_tensor(TF.center_crop(resized, [image_size, image_size]))

@@ -1,0 +1,147 @@
+"""Checkpoints: DeepSpeed's (sharded under ZeRO-3) plus megapgs's own state, written so that a
+crash at any moment leaves a usable checkpoint.
+
+    <output_dir>/checkpoints/step_00000400/     DeepSpeed's files for tag step_00000400
+                             step_00000400/megapgs_rank{r}.pt   per rank: step, data position, RNG
+                             step_00000400/COMPLETE             written last, by rank 0, after all ranks
+                             latest                             the newest complete tag (atomic replace)
+
+A checkpoint counts only once COMPLETE exists; `--resume auto` takes the newest complete one
+and ignores a half-written directory (a kill during save). Every file megapgs writes goes to a
+temporary name first and is renamed into place. Old checkpoints beyond `keep_last` are removed
+only after the new one is complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megapgs.dist import DistInfo
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+TAG_PREFIX = "step_"
+
+
+@dataclass(frozen=True)
+class TrainState:
+    step: int                      # optimizer steps completed
+    samples_seen: int              # global samples consumed
+    loader: dict[str, Any] | None  # this rank's data position (TrainLoader.state_dict())
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Plain tensors and numbers only, so the file loads with torch.load(weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX) and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def find_resume(ckpt_dir: Path, resume: str) -> Path | None:
+    """The checkpoint directory to resume from: none, the newest complete one (auto), or a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(ckpt_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"train.resume={resume!r}: no complete megapgs checkpoint there "
+                                f"(a directory with a {COMPLETE} file, e.g. {ckpt_dir / tag_for(400)})")
+    return path
+
+
+def save_checkpoint(engine, ckpt_dir: Path, state: TrainState, dist: DistInfo, keep_last: int,
+                    config_json: str) -> Path:
+    """Write a checkpoint on every rank; returns its directory once it is complete."""
+    tag = tag_for(state.step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    path = ckpt_dir / tag
+    payload = {"step": state.step, "samples_seen": state.samples_seen, "loader": state.loader,
+               "rng": _rng_state(), "world_size": dist.world_size}
+    _atomic_write_bytes(path / f"megapgs_rank{dist.rank}.pt", lambda fh: torch.save(payload, fh))
+    dist.barrier()  # every rank's files are in place before the checkpoint is declared complete
+    if dist.is_main:
+        marker = {"step": state.step, "samples_seen": state.samples_seen, "world_size": dist.world_size,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": json.loads(config_json)}
+        _atomic_write_bytes(path / COMPLETE, lambda fh: fh.write(json.dumps(marker, indent=1).encode()))
+        _atomic_write_bytes(ckpt_dir / "latest", lambda fh: fh.write(tag.encode()))
+        _prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return path
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    complete = complete_checkpoints(ckpt_dir)
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    newest = complete[-1].name
+    for leftover in ckpt_dir.iterdir():  # half-written checkpoints older than the newest complete one
+        if leftover.is_dir() and leftover.name.startswith(TAG_PREFIX) and leftover.name < newest \
+                and not (leftover / COMPLETE).exists():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def load_checkpoint(engine, path: Path, dist: DistInfo) -> TrainState:
+    """Restore the engine (weights, optimizer, ZeRO shards) and this rank's state from `path`."""
+    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+    if loaded is None:
+        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint at {path}")
+    marker = json.loads((path / COMPLETE).read_text())
+    rank_file = path / f"megapgs_rank{dist.rank}.pt"
+    loader_state = None
+    if marker["world_size"] == dist.world_size and rank_file.is_file():
+        payload = torch.load(rank_file, weights_only=True)
+        _set_rng_state(payload["rng"])
+        loader_state = payload["loader"]
+    else:
+        log.warning("checkpoint %s was written by %d rank(s), this run has %d: weights and optimizer "
+                    "restored, the data position is not (the loader starts a fresh pass)",
+                    path, marker["world_size"], dist.world_size)
+    log.info("resumed from %s (step %d, %s samples seen)", path, marker["step"], f"{marker['samples_seen']:,}")
+    return TrainState(marker["step"], marker["samples_seen"], loader_state)

@@ -1,0 +1,96 @@
+"""The model wrapped for training: AdamW param groups -> DeepSpeed engine (ZeRO, precision, clipping).
+
+The order is fixed and documented here, once: seed -> build the CLIP (attention back-end,
+activation checkpointing, compile) -> AdamW with weight decay only on matrices -> the DeepSpeed
+JSON completed with the batch sizes megapgs derives -> `deepspeed.initialize`. The learning rate
+is set on the optimizer each step from `schedule.lr_at`, so there is no scheduler state.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+import torch
+
+from megapgs.config import Config
+from megapgs.dist import DistInfo
+from megapgs.models.clip import CLIP, build_model
+from megapgs.train.plan import RunPlan
+
+log = logging.getLogger(__name__)
+
+NO_DECAY_NAMES = ("token_embedding", "positional_embedding", "class_embedding", "logit_scale", "logit_bias")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay on weight matrices only: norms, biases, embeddings and the logit scale/bias are exempt."""
+    decay, exempt = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or any(part in name for part in NO_DECAY_NAMES):
+            exempt.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+
+
+def deepspeed_config(cfg: Config, plan: RunPlan) -> dict[str, Any]:
+    """The config's DeepSpeed section plus what megapgs owns (batch sizes); DeepSpeed's own
+    step printing is off: megapgs logs."""
+    return {
+        **cfg.deepspeed,
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_process_group(dist: DistInfo) -> None:
+    """DeepSpeed needs a process group even for one process: a plain `python pretrain.py` gets a
+    one-rank gloo group on a free local port."""
+    if torch.distributed.is_initialized():
+        return
+    if dist.world_size > 1:
+        raise RuntimeError("multi-rank runs join the process group in megapgs.dist.init_distributed")
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if dist.device.type == "cuda" else "gloo", verbose=False)
+
+
+def build_engine(cfg: Config, plan: RunPlan, dist: DistInfo):
+    """(DeepSpeed engine, the bare CLIP inside it). Same seed on every rank: same initial weights."""
+    import deepspeed
+
+    ensure_process_group(dist)
+    torch.manual_seed(cfg.train.seed)
+    dtype = DTYPES[cfg.precision]
+    model: CLIP = build_model(cfg.model, dist.device, dtype, training=True, siglip=cfg.train.loss == "siglip")
+    groups = param_groups(model, cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                  fused=dist.device.type == "cuda")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, plan),
+                                      dist_init_required=False)
+    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    log.info("engine: DeepSpeed ZeRO-%d, %s, %s parameters, %d rank(s)", cfg.zero_stage, cfg.precision,
+             f"{params:,}", dist.world_size)
+    return engine, model
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,60 @@
+import random
+
+import numpy as np
+import open_clip
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from megapgs.data.synthetic import build_synthetic_loader
+from megapgs.data.transforms import crop_params, derive_seed, eval_transform, train_transform
+from megapgs.models.text import eot_lengths
+
+
+def _image(width=64, height=48) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3)).astype(np.uint8))
+
+
+def test_eval_transform_is_openclips():
+    image = _image()
+    openclip_val = open_clip.image_transform(32, is_train=False)
+    assert torch.allclose(eval_transform(image, 32), openclip_val(image), atol=1e-6)
+
+
+def test_crop_params_follow_torchvision_distribution():
+    """Our seeded draw and torchvision's RandomResizedCrop.get_params cover the same crops."""
+    width, height, scale = 64, 48, (0.3, 1.0)
+    rng = random.Random(0)
+    ours = np.array([crop_params(width, height, scale, rng) for _ in range(3000)], dtype=float)
+    torch.manual_seed(0)
+    theirs = np.array([T.RandomResizedCrop.get_params(_image(), list(scale), [3 / 4, 4 / 3]) for _ in range(3000)],
+                      dtype=float)
+    for column in range(4):
+        assert abs(ours[:, column].mean() - theirs[:, column].mean()) < 0.05 * max(width, height), column
+    area = ours[:, 2] * ours[:, 3] / (width * height)
+    assert area.min() >= 0.29 and area.max() <= 1.0
+    assert (ours[:, 0] + ours[:, 2] <= height).all() and (ours[:, 1] + ours[:, 3] <= width).all()
+
+
+def test_train_transform_is_seeded_per_sample():
+    image = _image()
+    first = train_transform(image, 32, (0.5, 1.0), random.Random(derive_seed(0, "crop", 7)))
+    again = train_transform(image, 32, (0.5, 1.0), random.Random(derive_seed(0, "crop", 7)))
+    other = train_transform(image, 32, (0.5, 1.0), random.Random(derive_seed(0, "crop", 8)))
+    assert first.shape == (3, 32, 32) and torch.equal(first, again) and not torch.equal(first, other)
+    assert derive_seed(0, "crop", 7) == 4657982541655453768  # the same in every process and run (no salted hash())
+
+
+def test_synthetic_batches():
+    loader = build_synthetic_loader(batch_size=5, image_size=32, context_length=16, device="cpu", seed=0)
+    state = torch.random.get_rng_state()
+    batches = [b for _, b in zip(range(6), loader)]
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is left alone
+    batch = batches[0]
+    assert batch.images.shape == (5, 3, 32, 32) and batch.tokens.shape == (5, 16)
+    assert batch.tokens.dtype == torch.int64 and batch.images.dtype == torch.float32
+    assert batch.text_lengths == eot_lengths(batch.tokens).tolist() and min(batch.text_lengths) >= 4
+    assert (batch.tokens[:, 0] == 49406).all()
+    assert batches[4] is batches[0] and not torch.equal(batches[1].images, batches[0].images)
+    assert loader.state_dict()["batches"] == 6 and loader.skips.total == 0
