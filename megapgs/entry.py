@@ -49,7 +49,9 @@ def plan_table(cfg, plan: RunPlan, data_text: str) -> Table:
         ("model", f"{cfg.model.arch} (embed {plan.arch.embed_dim}, vision {plan.arch.vision.layers}x"
                   f"{plan.arch.vision.width}, text {plan.arch.text.layers}x{plan.arch.text.width}), "
                   f"attention {cfg.model.attention}"),
-        ("masking", f"{cfg.pgs.masking}: keeps {kept} per image in training"),
+        ("masking", f"{cfg.pgs.masking}: keeps {kept} per image in training" + (
+            f", the last {round(cfg.pgs.unmasked_tail * plan.total_steps):,} steps unmasked"
+            if cfg.pgs.masking != "none" and cfg.pgs.unmasked_tail else "")),
         ("data", data_text),
         ("batch", f"{plan.global_batch_size} = {plan.micro_batch_size} per rank x {plan.world_size} ranks "
                   f"x {plan.grad_accum_steps} accumulation"),
@@ -96,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def summary_line(summary: RunSummary, output_dir: str) -> str:
     """The one line a run ends with: what was trained, how fast, and how good it is."""
     parts = [f"megapgs: trained {summary.steps_run:,} steps (to step {summary.final_step:,}, "
-             f"{summary.samples_seen:,} samples) in {summary.seconds / 60:.1f} min"]
+             f"{summary.samples_seen:,} samples) in {summary.training_seconds / 60:.1f} min of training "
+             f"({summary.seconds / 60:.1f} min with checkpoints and evaluation)"]
     if summary.last_loss is not None:
         parts.append(f"final loss {summary.last_loss:.4f}")
     if "zeroshot_top1" in summary.eval:

@@ -29,7 +29,7 @@ from megapgs.train.loss import ContrastiveLoss
 from megapgs.train.metrics import MetricsWriter
 from megapgs.train.plan import RunPlan
 from megapgs.train.progress import TrainProgress
-from megapgs.train.schedule import lr_at, progress_at
+from megapgs.train.schedule import lr_at, masking_at, progress_at
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,24 @@ class RunSummary:
     steps_run: int = 0
     final_step: int = 0
     samples_seen: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0              # the whole loop, checkpoints and evaluations included
+    training_seconds: float = 0.0     # the training steps alone
     last_loss: float | None = None
     eval: dict[str, float] = field(default_factory=dict)
     skips: dict[str, int] = field(default_factory=dict)
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) at every log point
+
+
+def describe_eval(metrics: dict[str, float]) -> str:
+    parts = []
+    if "zeroshot_top1" in metrics:
+        parts.append(f"zero-shot top-1 {metrics['zeroshot_top1']:.2f}% (top-5 {metrics['zeroshot_top5']:.2f}%)")
+    for direction in ("image_to_text", "text_to_image"):
+        if f"{direction}_R@1" in metrics:
+            recalls = "/".join(f"{metrics[f'{direction}_R@{k}']:.1f}" for k in (1, 5, 10))
+            parts.append(f"{direction.replace('_to_', '->')} R@1/5/10 {recalls}%")
+    parts.append(f"{int(metrics['eval_samples']):,} images in {metrics['eval_seconds']:.1f} s")
+    return ", ".join(parts)
 
 
 class TimedMasker:
@@ -131,7 +144,7 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan) -> RunSumm
                            retrieval=cfg.eval.retrieval, max_samples=cfg.eval.max_samples)
         writer.write(step, metrics, kind="eval")
         if dist.is_main:
-            log.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            log.info("eval at step %d: %s", step, describe_eval(metrics))
         return metrics
 
     def checkpoint(step: int) -> None:
@@ -146,6 +159,7 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan) -> RunSumm
     window = Window(device)
     bar = TrainProgress(plan.total_steps, state.step, enabled=dist.is_main and cfg.log.progress)
     started = time.perf_counter()
+    paused_seconds = 0.0
     batches = iter(loader)
     eval_metrics: dict[str, float] = {}
     with bar:
@@ -160,7 +174,7 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan) -> RunSumm
                 tokens = batch.tokens.to(device, non_blocking=True)
                 timer.stop("data")
                 keep = None
-                if cfg.pgs.masking != "none":
+                if masking_at(step, plan.total_steps, cfg.pgs):
                     generator = pgs_generator(cfg.train.seed, step * plan.grad_accum_steps + micro, dist.rank, device)
                     keep = TimedMasker(PatchMasker(cfg.pgs, arch.vision.patch_size, progress, generator), timer)
                 timer.start("forward_backward")
@@ -210,13 +224,18 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan) -> RunSumm
                 summary.last_loss = metrics["loss"]
                 window.reset()
 
+            paused = time.perf_counter()  # checkpoints and evaluations do not count as training time
             if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done != plan.total_steps:
                 checkpoint(done)
             if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done != plan.total_steps:
                 eval_metrics = run_eval(done)
+            pause = time.perf_counter() - paused
+            window.started += pause
+            paused_seconds += pause
             summary.steps_run += 1
             summary.final_step = done
 
+    summary.training_seconds = time.perf_counter() - started - paused_seconds
     if summary.steps_run:
         checkpoint(summary.final_step)
     eval_metrics = run_eval(summary.final_step) or eval_metrics

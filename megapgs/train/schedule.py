@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from megapgs.config import OptimConfig
+from megapgs.config import OptimConfig, PGSConfig
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -27,3 +27,12 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 def progress_at(step: int, total_steps: int) -> float:
     """Completed share of training before step `step`, in [0, 1]."""
     return min(max(step / max(total_steps, 1), 0.0), 1.0)
+
+
+def masking_at(step: int, total_steps: int, cfg: PGSConfig) -> bool:
+    """Whether step `step` masks image tokens: the configured masking, except in the unmasked tail
+    (the last `unmasked_tail` share of the steps, so the towers end on the full sequences that
+    evaluation and inference see)."""
+    if cfg.masking == "none":
+        return False
+    return step < total_steps - round(cfg.unmasked_tail * total_steps)

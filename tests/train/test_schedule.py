@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from megapgs.config import OptimConfig
-from megapgs.train.schedule import lr_at, progress_at
+from megapgs.config import OptimConfig, PGSConfig
+from megapgs.train.schedule import lr_at, masking_at, progress_at
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -28,3 +28,10 @@ def test_constant_and_no_warmup():
 def test_progress_is_the_completed_share():
     assert progress_at(0, 100) == 0.0 and progress_at(50, 100) == 0.5 and progress_at(100, 100) == 1.0
     assert progress_at(150, 100) == 1.0
+
+
+def test_unmasked_tail_turns_masking_off_for_the_last_steps():
+    cfg = PGSConfig(unmasked_tail=0.25)
+    assert [masking_at(s, 8, cfg) for s in range(8)] == [True] * 6 + [False] * 2
+    assert not any(masking_at(s, 8, PGSConfig(masking="none")) for s in range(8))
+    assert all(masking_at(s, 8, PGSConfig()) for s in range(8))
