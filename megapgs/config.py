@@ -89,6 +89,8 @@ class PGSConfig(_Section):
     embed_sim_schedule: Literal["progress", "pixels", "tokens"] = Field(
         "progress", description="token-similarity weight w: training progress, 0 (pixels) or 1 (tokens)")
     pack: bool = Field(True, description="pack each image's own k_i tokens; false: batch-uniform k = min k_i")
+    rng: Literal["rank", "sample"] = Field(
+        "rank", description="masks drawn per (seed, step, rank), or per global sample: rank-count invariant")
     unmasked_tail: float = Field(
         0.0, ge=0, lt=1, description="share of the last training steps run unmasked (FLIP's unmasked tuning)")
 

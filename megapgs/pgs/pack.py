@@ -10,7 +10,7 @@ import torch
 
 from megapgs.config import PGSConfig
 from megapgs.models.packed import Packed
-from megapgs.pgs.selection import Selection, random_selection, select_patches
+from megapgs.pgs.selection import RandomSource, Selection, random_selection, select_patches
 
 
 def pack_tokens(cls_D: torch.Tensor, tokens_BLD: torch.Tensor, selection: Selection) -> torch.Tensor:
@@ -33,7 +33,7 @@ class PatchMasker:
     Call it as `model.visual(images, keep=masker)`; afterwards `masker.selection` holds what
     was kept (for the step's metrics and for tests)."""
 
-    def __init__(self, cfg: PGSConfig, patch_size: int, progress: float, generator: torch.Generator):
+    def __init__(self, cfg: PGSConfig, patch_size: int, progress: float, generator: RandomSource):
         if cfg.masking == "none":
             raise ValueError("pgs.masking is 'none': run the tower without a keep function")
         self.cfg, self.patch_size, self.progress, self.generator = cfg, patch_size, progress, generator

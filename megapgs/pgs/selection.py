@@ -5,7 +5,8 @@
 
 Everything is batched over images (no Python loop over them), runs without autograd in
 float32 whatever the surrounding autocast, and draws all randomness from one
-torch.Generator (`pgs_generator`: seeded by seed, step and rank). The only host-device
+torch.Generator (`pgs_generator`: seeded by seed, step and rank), or from draws keyed by each
+sample's global index (`keyed_random.SampleKeyedDraws`, `pgs.rng: sample`). The only host-device
 synchronisation is the one PGS.md allows: the per-image counts k_i are read once to size
 the packed stream (`Packed.from_lengths`); random masking needs none.
 """
@@ -20,7 +21,11 @@ import torch.nn.functional as F
 from megapgs.config import PGSConfig
 from megapgs.models.packed import Packed
 from megapgs.pgs.keep import keep_bounds
+from megapgs.pgs.keyed_random import SampleKeyedDraws, uniform
 from megapgs.pgs.ot import entropic_balance, reference_balance
+
+# Where the randomness comes from: a per-rank generator (default) or per-sample keyed draws.
+RandomSource = torch.Generator | SampleKeyedDraws
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
@@ -134,11 +139,11 @@ def candidate_similarity(images_BCHW: torch.Tensor, tokens_BLD: torch.Tensor, ca
 
 
 def draw_candidates(images_BCHW: torch.Tensor, cfg: PGSConfig, patch_size: int, num_patches: int,
-                    generator: torch.Generator) -> torch.Tensor:
+                    generator: RandomSource) -> torch.Tensor:
     """(B, n_c) candidate patch indices (step 2). `paper`: the n_c lowest of u + beta*edge
     (the flattest patches); `reference`, `use_edges: false` or beta = 0: uniform at random."""
     B = images_BCHW.shape[0]
-    noise = torch.rand(B, num_patches, generator=generator, device=images_BCHW.device)
+    noise = uniform(generator, B, num_patches, 0, images_BCHW.device)
     scores = noise
     if cfg.candidate_policy == "paper" and cfg.use_edges and cfg.edge_weight > 0:
         scores = noise + cfg.edge_weight * edge_scores(images_BCHW, patch_size)
@@ -165,19 +170,19 @@ def _finish(priority_BL: torch.Tensor, counts_B: torch.Tensor, k_max: int, num_p
 
 
 @torch.no_grad()
-def random_selection(batch: int, num_patches: int, cfg: PGSConfig, generator: torch.Generator,
+def random_selection(batch: int, num_patches: int, cfg: PGSConfig, generator: RandomSource,
                      device: torch.device | str) -> Selection:
     """FLIP-style random masking at PGS's cap: every image keeps k_max patches drawn uniformly.
     All counts are known on the host, so this needs no sync at all."""
     _, k_max = keep_bounds(num_patches, cfg.min_mask_ratio, cfg.min_keep_ratio)
-    priority = torch.rand(batch, num_patches, generator=generator, device=device)
+    priority = uniform(generator, batch, num_patches, 1, device)
     counts = torch.full((batch,), k_max, dtype=torch.int64, device=device)
     return _finish(priority, counts, k_max, num_patches, {}, host_counts=[k_max] * batch)
 
 
 @torch.no_grad()
 def select_patches(images_BCHW: torch.Tensor, tokens_BLD: torch.Tensor, patch_size: int, cfg: PGSConfig,
-                   progress: float, generator: torch.Generator) -> Selection:
+                   progress: float, generator: RandomSource) -> Selection:
     """PGS steps 1-5 for a batch: images (B,3,H,W) as the tower sees them, patch tokens
     (B,L,D) with positional embeddings (CLS excluded), training progress in [0, 1]."""
     B, _, H, W = images_BCHW.shape
@@ -201,7 +206,7 @@ def select_patches(images_BCHW: torch.Tensor, tokens_BLD: torch.Tensor, patch_si
             counts = counts.amin().expand(B)
         # Eligible patches rank above masked ones, each group in uniformly random order, so
         # the first k_i are a uniform draw from the eligible (topped up from M_i if short).
-        priority = torch.rand(B, L, generator=generator, device=device) + 2.0 * eligible
+        priority = uniform(generator, B, L, 1, device) + 2.0 * eligible
         stats = {
             "candidates_mean": torch.tensor(float(candidates.shape[1]), device=device),
             "sim_masked_mean": (masked.sum(dim=1) - candidates.shape[1]).float().mean(),

@@ -8,6 +8,7 @@ stay on the device and are reduced and fetched every `log.every_steps` steps.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,9 +18,11 @@ import torch
 
 from megapgs.config import Config
 from megapgs.data.prepare import DataPlan
+from megapgs.data.shards import write_json_atomic
 from megapgs.dist import DistInfo
 from megapgs.perf.flops import clip_forward_flops, mfu, peak_flops
 from megapgs.perf.timers import StageTimer
+from megapgs.pgs.keyed_random import SampleKeyedDraws
 from megapgs.pgs.pack import PatchMasker
 from megapgs.pgs.selection import pgs_generator
 from megapgs.train.checkpoint import TrainState, find_resume, load_checkpoint, save_checkpoint
@@ -119,10 +122,10 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan) -> RunSumm
     config_json = cfg.model_dump_json(indent=1)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(config_json + "\n")
+        write_json_atomic(run_dir / "config.json", json.loads(config_json))
 
     # Build in a fixed order: engine (model, optimizer, ZeRO) -> tokenizer -> loader -> loss -> resume.
-    engine, model = build_engine(cfg, plan, dist)
+    engine, _ = build_engine(cfg, plan, dist)
     arch, device = plan.arch, dist.device
     compute_dtype = next(engine.module.parameters()).dtype
     tokenizer = Tokenizer(cfg.model.arch)
@@ -175,7 +178,9 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan) -> RunSumm
                 timer.stop("data")
                 keep = None
                 if masking_at(step, plan.total_steps, cfg.pgs):
-                    generator = pgs_generator(cfg.train.seed, step * plan.grad_accum_steps + micro, dist.rank, device)
+                    draw_step = step * plan.grad_accum_steps + micro
+                    generator = (pgs_generator(cfg.train.seed, draw_step, dist.rank, device) if cfg.pgs.rng == "rank"
+                                 else SampleKeyedDraws(cfg.train.seed, draw_step, dist.rank * plan.micro_batch_size))
                     keep = TimedMasker(PatchMasker(cfg.pgs, arch.vision.patch_size, progress, generator), timer)
                 timer.start("forward_backward")
                 out = engine(images, tokens, batch.text_lengths, keep)

@@ -63,6 +63,25 @@ def test_two_ranks_give_the_one_rank_loss_curve(tmp_path, one_rank_curve, stage)
         assert curve[step] == pytest.approx(one_rank_curve[step], rel=1e-4), step
 
 
+@pytest.mark.multiprocess
+def test_two_ranks_give_the_one_rank_loss_curve_with_pgs(tmp_path):
+    """PGS on, masks keyed by global sample (pgs.rng: sample): 1 x 32 and 2 x 16 under ZeRO-3
+    draw the same masks, so the loss curves agree too."""
+    pgs = [*SYNTHETIC[:2], "--set", "pgs.masking=pgs", "--set", "pgs.rng=sample", "--set", "pgs.unmasked_tail=0",
+           *SYNTHETIC[4:],
+           "--set", 'deepspeed={"zero_optimization": {"stage": 3}}']
+    curves = {}
+    for ranks, micro in ((1, 32), (2, 16)):
+        run_dir = tmp_path / f"ranks{ranks}"
+        run(train_cmd(run_dir, *pgs, "--set", f"train.micro_batch_size={micro}", ranks=ranks, port=29571))
+        curves[ranks] = train_records(run_dir)
+    assert sorted(curves[1]) == sorted(curves[2]) == list(range(1, 21))
+    for step, record in curves[1].items():
+        assert record["keep_ratio"] < 0.75  # masked
+        assert curves[2][step]["keep_ratio"] == pytest.approx(record["keep_ratio"], rel=1e-6)
+        assert curves[2][step]["loss"] == pytest.approx(record["loss"], rel=1e-4), step
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     tag = (run_dir / "checkpoints/latest").read_text().strip()
     return torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]

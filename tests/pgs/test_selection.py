@@ -11,6 +11,7 @@ from megapgs.models.archs import get_arch
 from megapgs.models.packed import Packed
 from megapgs.models.vit import VisionTower
 from megapgs.pgs.keep import keep_bounds
+from megapgs.pgs.keyed_random import SampleKeyedDraws
 from megapgs.pgs.pack import PatchMasker, pack_tokens
 from megapgs.pgs.selection import (_SOBEL_X, Selection, draw_candidates, edge_scores, embed_weight, num_candidates,
                                    pgs_generator, random_selection, select_patches)
@@ -176,16 +177,18 @@ def assert_uniform_over_the_grid(counts_L: torch.Tensor, grid: int) -> None:
     assert chisquare(counts_L.numpy()).pvalue > 0.01
 
 
-@pytest.mark.parametrize("policy", ["paper", "reference"])
-def test_no_positional_bias_when_nothing_is_similar(policy):
+@pytest.mark.parametrize("policy,source", [("paper", "rank"), ("reference", "rank"), ("paper", "sample")])
+def test_no_positional_bias_when_nothing_is_similar(policy, source):
     """Flat images have no similar patches and no edges (PGS.md step 5), so only the random
-    draws decide: 2 048 images x 34 kept patches must cover the 7 x 7 grid uniformly."""
+    draws decide: 2 048 images x 34 kept patches must cover the 7 x 7 grid uniformly, with the
+    per-rank generator and with the per-sample keyed draws."""
     images = torch.zeros(256, 3, SIZE, SIZE)
     tokens = torch.randn(256, L, 8, generator=torch.Generator().manual_seed(0))
     cfg = PGSConfig(candidate_policy=policy)
     masks = []
     for step in range(8):
-        selection = select_patches(images, tokens, PATCH, cfg, 0.0, pgs_generator(0, step, 0))
+        draws = pgs_generator(0, step, 0) if source == "rank" else SampleKeyedDraws(0, step, 0)
+        selection = select_patches(images, tokens, PATCH, cfg, 0.0, draws)
         assert (selection.counts == keep_bounds(L, 0.3, 0.1)[1]).all()      # only candidates masked
         masks.append(selection.kept_mask())
     assert_uniform_over_the_grid(kept_cell_counts(torch.cat(masks)), 7)
