@@ -1,8 +1,12 @@
-"""CPU loader throughput: images/s per worker on 224-px JPEGs (decode, random resized crop,
+"""Loader throughput: images/s (per worker) on 224-px JPEGs (decode, random resized crop,
 normalise, tokenize, batch), on a temporary shard set cut from scikit-image's photos.
 
-    python tools/bench_loader.py                       # workers 0, 1 and 2, median of 3 runs
+    python tools/bench_loader.py                       # the CPU loader; workers 0, 1 and 2, median of 3
     python tools/bench_loader.py --workers 1 4 8 --batches 40
+    python tools/bench_loader.py --loader dali --device cuda --workers 8 --batch-size 256 --samples 16384
+    python tools/bench_loader.py --loader nvjpeg --device cuda --workers 8 --batch-size 256 --samples 16384
+
+For dali and nvjpeg, `--workers` is the decoding thread count and `--device cpu` runs their CPU twins.
 """
 from __future__ import annotations
 
@@ -44,23 +48,41 @@ def photo_samples(count: int, size: int = 224, source_size: int = 320, seed: int
                "txt": f"a photo of the {PHOTOS[index % len(PHOTOS)]}, crop {index}"}
 
 
-def images_per_second(shards: list[str], workers: int, batch_size: int, batches: int, warmup: int) -> float:
-    cfg = DataConfig(workers=workers, shuffle_buffer=256, augment=True)
-    loader = build_train_loader(cfg, shards, image_size=224, tokenizer=Tokenizer("ViT-B-16"), batch_size=batch_size,
-                                rank=0, world_size=1, seed=0)
-    stream = iter(loader)
+def build(kind: str, device: str, cfg: DataConfig, shards: list[str], batch_size: int):
+    common = dict(image_size=224, tokenizer=Tokenizer("ViT-B-16"), batch_size=batch_size, rank=0, world_size=1, seed=0)
+    if kind == "wds":
+        return build_train_loader(cfg, shards, **common)
+    from megapgs.train.inputs import EndlessFullBatches
+
+    if kind == "dali":
+        from megapgs.data.dali import build_dali_loader
+
+        return EndlessFullBatches(build_dali_loader(cfg, shards, device=device, **common), batch_size)
+    from megapgs.data.nvjpeg import build_nvjpeg_loader
+
+    return EndlessFullBatches(build_nvjpeg_loader(cfg, shards, device=device, **common), batch_size)
+
+
+def images_per_second(kind: str, device: str, root: str, shards: list[str], workers: int, batch_size: int,
+                      batches: int, warmup: int) -> float:
+    cfg = DataConfig(root=root, workers=workers, shuffle_buffer=256, augment=True)
+    stream = iter(build(kind, device, cfg, shards, batch_size))
     for _ in range(warmup):  # worker start-up and the first shuffle-buffer fill
         next(stream)
     started = time.perf_counter()
     for _ in range(batches):
-        next(stream)
+        batch = next(stream)
+    if batch.images.is_cuda:
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
-    stream.close()
+    stream.close()  # stops the loader's worker processes
     return batches * batch_size / elapsed
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loader", choices=("wds", "dali", "nvjpeg"), default="wds")
+    parser.add_argument("--device", default="cpu", help="dali / nvjpeg: cuda, or cpu for their CPU twins")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=1024, help="JPEGs in the temporary shard set")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -74,11 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                      description="224-px JPEG shards")
         shards = [str(p) for p in sorted(Path(folder).glob("*.tar"), key=lambda p: int(p.stem))]
         print(f"command: python tools/bench_loader.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
-        print(f"{args.samples} JPEGs of 224x224 in {len(shards)} shards; batch {args.batch_size}, "
+        print(f"{args.loader} loader on {args.device}: {args.samples} JPEGs of 224x224 in {len(shards)} shards; "
+              f"batch {args.batch_size}, "
               f"{args.batches} timed batches, median of {args.repeats}; torch {torch.__version__}")
         for workers in args.workers:
-            rates = [images_per_second(shards, workers, args.batch_size, args.batches, args.warmup)
-                     for _ in range(args.repeats)]
+            rates = [images_per_second(args.loader, args.device, folder, shards, workers, args.batch_size,
+                                       args.batches, args.warmup) for _ in range(args.repeats)]
             rate = statistics.median(rates)
             print(f"workers={workers}: {rate:7.1f} images/s in all, {rate / max(workers, 1):7.1f} per worker "
                   f"(runs: {', '.join(f'{r:.1f}' for r in rates)})")
