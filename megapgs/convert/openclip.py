@@ -48,3 +48,24 @@ def to_openclip(state: Mapping[str, torch.Tensor], openclip_state: Mapping[str, 
 def from_openclip(openclip_state: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """OpenCLIP state dict -> megapgs's, checked against the keys and shapes of `state`."""
     return _renamed(openclip_state, from_openclip_key, state)
+
+
+def openclip_model_cfg(spec) -> dict:
+    """OpenCLIP's model config for an ArchSpec: what `open_clip_config.json` holds under
+    "model_cfg" for a custom architecture, and what builds the named ones."""
+    vision, text = spec.vision, spec.text
+    vision_cfg = {"image_size": vision.image_size, "patch_size": vision.patch_size, "width": vision.width,
+                  "layers": vision.layers, "head_width": vision.head_width, "mlp_ratio": vision.mlp_ratio}
+    text_cfg = {"context_length": text.context_length, "vocab_size": text.vocab_size, "width": text.width,
+                "heads": text.heads, "layers": text.layers, "mlp_ratio": text.mlp_ratio}
+    return {"embed_dim": spec.embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+
+
+def build_openclip_model(spec) -> torch.nn.Module:
+    """An OpenCLIP model of this architecture (random weights, fp32, CPU), without network: named
+    architectures through open_clip's own config, custom ones from `openclip_model_cfg`."""
+    import open_clip
+
+    if spec.openclip_name is not None:
+        return open_clip.create_model(spec.openclip_name, pretrained=None)
+    return open_clip.model.CLIP(**openclip_model_cfg(spec))
