@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from megapgs.data.eval_data import EvalBatch, iter_eval_batches
 from megapgs.evals.retrieval import recall_at_k
 from megapgs.evals.zeroshot import class_embeddings, read_classnames_and_templates, topk_correct
 
@@ -29,14 +31,24 @@ def eval_shards(root: Path) -> list[str]:
     return shards
 
 
-@torch.no_grad()
 def evaluate(model, root: Path, tokenizer, *, image_size: int, batch_size: int, device: torch.device,
              zeroshot: bool = True, retrieval: bool = True, max_samples: int | None = None) -> dict[str, float]:
-    """Metrics as {name: value}: zeroshot_top1/top5 (percent), image_to_text_R@k, text_to_image_R@k
-    (percent), eval_samples and eval_seconds. `model` has encode_image(images) and
-    encode_text(tokens, lengths), returning unit-norm embeddings."""
-    from megapgs.data.wds import iter_eval_batches
+    """Metrics of held-out shards in clip_benchmark's webdataset layout under `root`: see
+    `evaluate_batches`. Class names and templates come from the same root."""
+    classnames, templates = read_classnames_and_templates(root) if zeroshot else (None, None)
+    batches = iter_eval_batches(eval_shards(root), image_size=image_size, batch_size=batch_size)
+    return evaluate_batches(model, batches, tokenizer, device=device, classnames=classnames, templates=templates,
+                            retrieval=retrieval, max_samples=max_samples, source=root)
 
+
+@torch.no_grad()
+def evaluate_batches(model, batches: Iterable[EvalBatch], tokenizer, *, device: torch.device,
+                     classnames: Sequence[str] | None, templates: Sequence[str] | None, retrieval: bool,
+                     max_samples: int | None = None, source: object = "the evaluation data") -> dict[str, float]:
+    """Metrics as {name: value}: zeroshot_top1/top5 (percent; when class names are given),
+    image_to_text_R@k and text_to_image_R@k (percent; when `retrieval`), eval_samples and
+    eval_seconds. `model` has encode_image(images) and encode_text(tokens, lengths), returning
+    unit-norm embeddings; `batches` yields (images, labels, captions, keys)."""
     started = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -46,14 +58,10 @@ def evaluate(model, root: Path, tokenizer, *, image_size: int, batch_size: int, 
         tokens, lengths = tokenizer(captions)
         return model.encode_text(tokens.to(device), lengths)
 
-    classes = None
-    if zeroshot:
-        classnames, templates = read_classnames_and_templates(root)
-        classes = class_embeddings(encode_text, classnames, templates)
+    classes = class_embeddings(encode_text, classnames, templates) if classnames is not None else None
     correct = {1: 0, 5: 0}
     image_parts, text_parts, seen = [], [], 0
-    for images, labels, captions, _ in iter_eval_batches(eval_shards(root), image_size=image_size,
-                                                         batch_size=batch_size):
+    for images, labels, captions, _ in batches:
         if max_samples is not None and seen >= max_samples:
             break
         if max_samples is not None:
@@ -68,7 +76,7 @@ def evaluate(model, root: Path, tokenizer, *, image_size: int, batch_size: int, 
             image_parts.append(image_emb.float().cpu())
             text_parts.append(encode_text(list(captions)).float().cpu())
     if seen == 0:
-        raise RuntimeError(f"no evaluation samples could be read from {root}")
+        raise RuntimeError(f"no evaluation samples could be read from {source}")
     metrics: dict[str, float] = {"eval_samples": float(seen)}
     if classes is not None:
         metrics["zeroshot_top1"] = 100.0 * correct[1] / seen

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from megapgs.dist import DistInfo
+from megapgs.train.safe_load import load_weights_only, vet_checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,9 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
 
 
 def load_checkpoint(engine, path: Path, dist: DistInfo) -> TrainState:
-    """Restore the engine (weights, optimizer, ZeRO shards) and this rank's state from `path`."""
+    """Restore the engine (weights, optimizer, ZeRO shards) and this rank's state from `path`.
+    DeepSpeed unpickles its files without torch's weights-only guard: they are vetted first."""
+    vet_checkpoint_dir(path)
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                        load_lr_scheduler_states=False)
     if loaded is None:
@@ -136,7 +139,7 @@ def load_checkpoint(engine, path: Path, dist: DistInfo) -> TrainState:
     rank_file = path / f"megapgs_rank{dist.rank}.pt"
     loader_state = None
     if marker["world_size"] == dist.world_size and rank_file.is_file():
-        payload = torch.load(rank_file, weights_only=True)
+        payload = load_weights_only(rank_file)
         _set_rng_state(payload["rng"])
         loader_state = payload["loader"]
     else:

@@ -21,7 +21,7 @@ from megapgs.data.nvjpeg import build_nvjpeg_loader, decode_batch, is_jpeg
 from megapgs.data.prepare import DataError
 from megapgs.data.shards import write_shards
 from megapgs.data.tokenizer import Tokenizer
-from megapgs.data.wds import iter_eval_batches
+from megapgs.data.eval_data import iter_eval_batches
 from tests.data.faulty_shards import write_faulty_shards
 
 IMAGE_SIZE = 48

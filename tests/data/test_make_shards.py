@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from megapgs.data.shards import read_manifest, write_dali_index
-from megapgs.data.wds import iter_eval_batches
+from megapgs.data.eval_data import iter_eval_batches
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("make_shards", REPO_ROOT / "tools" / "make_shards.py")

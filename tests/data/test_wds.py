@@ -12,11 +12,12 @@ from PIL import Image
 
 from megapgs.config import DataConfig
 from megapgs.data import wds
+from megapgs.data.eval_data import iter_eval_batches
 from megapgs.data.faults import DataError, SkipCounter
 from megapgs.data.prepare import resolve_shards
 from megapgs.data.shards import write_shards
 from megapgs.data.tokenizer import Tokenizer
-from megapgs.data.wds import build_train_loader, epoch_shards, iter_eval_batches
+from megapgs.data.wds import build_train_loader, epoch_shards
 from tests.data.faulty_shards import write_faulty_shards
 
 IMAGE_SIZE = 32

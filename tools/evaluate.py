@@ -1,0 +1,200 @@
+"""Zero-shot classification and image <-> text retrieval of a megapgs or OpenCLIP model on local
+held-out data, with the numbers in-training evaluation logs (the same code computes them).
+
+    python tools/evaluate.py runs/tiny_cpu --data data/fashion_mnist
+    python tools/evaluate.py local-dir:OPENCLIP_DIR --data data/fashion_mnist --max-samples 2000
+    python tools/evaluate.py ViT-B-16 --pretrained ViT-B-16.safetensors --images imagenet/val \\
+        --classnames classnames.txt --templates templates.txt
+
+The model: a megapgs run directory or checkpoint (any ZeRO stage), an OpenCLIP model directory
+(`local-dir:DIR`, as tools/convert_to_openclip.py writes it), or an OpenCLIP architecture name with
+`--pretrained FILE`. OpenCLIP weights load with safetensors or torch.load(weights_only=True).
+The data: `--data ROOT` in clip_benchmark's webdataset layout (ROOT/classnames.txt,
+ROOT/zeroshot_classification_templates.txt, ROOT/test/*.tar with `.cls` and `.txt`), or
+`--images DIR` with one sub-folder per class (classification only). Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+DEFAULT_TEMPLATES = ["a photo of a {c}."]
+
+
+class OpenCLIPModel(torch.nn.Module):
+    """An OpenCLIP model behind megapgs's evaluation interface (unit-norm embeddings). megapgs's
+    loaders normalise with OpenAI's mean and std; a model trained with others (its preprocess_cfg)
+    gets its images renormalised, which is exact."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        self.model = model
+        cfg = getattr(model.visual, "preprocess_cfg", {})
+        if cfg.get("resize_mode", "shortest") != "shortest" or cfg.get("interpolation", "bicubic") != "bicubic":
+            raise ValueError(f"this OpenCLIP model preprocesses with resize_mode={cfg.get('resize_mode')!r}, "
+                             f"interpolation={cfg.get('interpolation')!r}; megapgs evaluates with 'shortest' "
+                             "and 'bicubic' (clip_benchmark with the model's own: use it for this model)")
+        ours = torch.tensor(OPENAI_DATASET_MEAN), torch.tensor(OPENAI_DATASET_STD)
+        theirs = torch.tensor(cfg.get("mean", OPENAI_DATASET_MEAN)), torch.tensor(cfg.get("std", OPENAI_DATASET_STD))
+        # x_theirs = (x_ours * std_ours + mean_ours - mean_theirs) / std_theirs = x_ours * scale + shift
+        self.register_buffer("scale", (ours[1] / theirs[1]).view(1, 3, 1, 1))
+        self.register_buffer("shift", ((ours[0] - theirs[0]) / theirs[1]).view(1, 3, 1, 1))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_image(images * self.scale + self.shift), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor, lengths=None) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+
+def load_openclip(name: str, pretrained: str | None):
+    """(model, tokenizer, image size) of an OpenCLIP model directory or architecture + weights file."""
+    import open_clip
+
+    if not name.startswith("local-dir:") and pretrained is None:
+        raise ValueError(f"{name!r}: an OpenCLIP architecture needs --pretrained FILE (its weights)")
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"--pretrained {pretrained}: no such file")
+    # weights_only=True is open_clip's default for .pt/.bin; .safetensors never unpickles.
+    model = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
+    tokenize = open_clip.get_tokenizer(name)
+    context = model.context_length
+
+    def tokenizer(captions):
+        tokens = tokenize(list(captions), context_length=context).to(torch.int64)
+        return tokens, (tokens.argmax(dim=-1) + 1).tolist()
+
+    return OpenCLIPModel(model).eval(), tokenizer, model.visual.image_size[0]
+
+
+def load_megapgs(path: Path):
+    """(model, tokenizer, image size) of a megapgs run directory or checkpoint."""
+    from megapgs.convert.checkpoint import read_checkpoint
+    from megapgs.data.tokenizer import Tokenizer
+    from megapgs.models.archs import get_arch
+    from megapgs.models.clip import CLIP
+
+    state, config = read_checkpoint(path)
+    arch = get_arch(config["model"]["arch"])
+    model = CLIP(arch, init_logit_bias=0.0 if "logit_bias" in state else None)
+    model.load_state_dict(state)
+    return model.eval(), Tokenizer(arch.name), arch.vision.image_size
+
+
+def load_model(spec: str, pretrained: str | None = None):
+    """(model, tokenizer, image size): an OpenCLIP `local-dir:`/architecture, else a megapgs path."""
+    if spec.startswith("local-dir:") or pretrained is not None:
+        return load_openclip(spec, pretrained)
+    path = Path(spec)
+    if not path.exists() and spec in open_clip_names():
+        raise ValueError(f"{spec!r}: an OpenCLIP architecture needs --pretrained FILE (its weights)")
+    if not path.exists():
+        raise FileNotFoundError(f"{spec}: no such megapgs run or checkpoint (for an OpenCLIP model give "
+                                "local-dir:DIR, or an architecture name with --pretrained FILE)")
+    return load_megapgs(path)
+
+
+def open_clip_names() -> set[str]:
+    import open_clip
+
+    return set(open_clip.list_models())
+
+
+def read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def folder_task(args) -> tuple[list[str], list[str]]:
+    """Class names and templates of an image-folder evaluation."""
+    from megapgs.data.eval_data import folder_classes
+
+    folders = folder_classes(args.images)
+    if args.classnames is not None:
+        classnames = read_lines(args.classnames)
+        if len(classnames) != len(folders):
+            raise ValueError(f"--classnames {args.classnames}: {len(classnames)} names for {len(folders)} class "
+                             "folders (one name per line, in the sorted order of the folders)")
+    else:
+        classnames = [name.replace("_", " ") for name in folders]
+    templates = read_lines(args.templates) if args.templates is not None else DEFAULT_TEMPLATES
+    if any("{c}" not in template for template in templates):
+        raise ValueError(f"--templates {args.templates}: every template needs the class placeholder {{c}}")
+    return classnames, templates
+
+
+def with_progress(batches, total_samples: int | None, batch_size: int):
+    """The batches behind a progress bar on stderr (stdout keeps the one JSON line)."""
+    from rich.progress import track
+
+    from megapgs.log import console
+
+    total = math.ceil(total_samples / batch_size) if total_samples else None
+    return track(batches, description="evaluate", total=total, console=console, transient=True,
+                 disable=not console.is_terminal)
+
+
+def run(args) -> dict[str, float]:
+    from megapgs.data.eval_data import iter_eval_batches, iter_folder_batches
+    from megapgs.data.shards import count_samples
+    from megapgs.evals.evaluate import eval_shards, evaluate_batches
+    from megapgs.evals.zeroshot import read_classnames_and_templates
+
+    model, tokenizer, image_size = load_model(args.model, args.pretrained)
+    if args.images is not None:
+        classnames, templates = folder_task(args)
+        batches = iter_folder_batches(args.images, image_size=image_size, batch_size=args.batch_size)
+        total, retrieval = None, False  # folders have no captions
+    else:
+        shards = eval_shards(args.data)
+        classnames, templates = read_classnames_and_templates(args.data)
+        batches = iter_eval_batches(shards, image_size=image_size, batch_size=args.batch_size)
+        total, retrieval = count_samples(shards), not args.no_retrieval
+    if args.max_samples is not None:
+        total = min(total or args.max_samples, args.max_samples)
+    print(f"evaluate: {args.model}, {len(classnames)} classes x {len(templates)} template(s)"
+          f"{', retrieval' if retrieval else ''}", file=sys.stderr)
+    return evaluate_batches(model, with_progress(batches, total, args.batch_size), tokenizer,
+                            device=torch.device("cpu"), classnames=classnames, templates=templates,
+                            retrieval=retrieval, max_samples=args.max_samples,
+                            source=args.images or args.data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="megapgs run/checkpoint, local-dir:OPENCLIP_DIR, or an OpenCLIP architecture")
+    parser.add_argument("--pretrained", help="weights file of an OpenCLIP architecture (.safetensors, .pt, .bin)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="held-out webdataset root (clip_benchmark's wds layout)")
+    source.add_argument("--images", type=Path, help="image folder: one sub-folder of images per class")
+    parser.add_argument("--classnames", type=Path, help="with --images: class names, one per line (default: "
+                        "the folder names, underscores as spaces)")
+    parser.add_argument("--templates", type=Path, help="with --images: templates with {c}, one per line "
+                        f"(default: {DEFAULT_TEMPLATES[0]!r})")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--no-retrieval", action="store_true", help="zero-shot classification only")
+    args = parser.parse_args(argv)
+    if args.images is None and (args.classnames or args.templates):
+        parser.error("--classnames/--templates go with --images (a --data root holds its own)")
+    try:
+        metrics = run(args)
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rounded = {name: round(value, 4) for name, value in metrics.items()}
+    print(json.dumps({"model": args.model, "data": str(args.images or args.data), **rounded}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
