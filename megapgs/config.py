@@ -165,7 +165,9 @@ class TrainConfig(_Section):
     local_loss: bool = Field(False, description="each rank scores its own rows against all columns")
     gather_with_grad: bool = Field(False, description="gather features across ranks with gradient")
     resume: str = Field("none", description="none, auto (newest complete checkpoint) or a checkpoint path")
-    init_from: str | None = Field(None, description="start from these weights (megapgs or converted OpenCLIP)")
+    init_from: str | None = Field(
+        None, description="initial weights: a tools/convert_from_openclip.py output or a megapgs run/checkpoint "
+                          "directory, same model.arch; not read when train.resume finds a checkpoint")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
     keep_last: int = Field(3, ge=1, description="checkpoints kept on disk")
 

@@ -22,7 +22,9 @@ from megapgs.data.prepare import DataError, prepare_data
 from megapgs.dist import init_distributed
 from megapgs.log import console, setup_logging
 from megapgs.train.loop import RunSummary, train
+from megapgs.train.engine import InitWeightsError
 from megapgs.train.plan import RunPlan, plan_run
+from megapgs.train.start import StartError, decide_start
 
 log = logging.getLogger("megapgs")
 
@@ -77,17 +79,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(cfg.log.level, dist.rank)
     started = time.perf_counter()
     try:
+        start = decide_start(cfg)
         data = prepare_data(cfg, dist)
         plan = plan_run(cfg, dist, data)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, StartError) as err:
         log.error("%s", err)
         return 2
     if dist.is_main:
         console.print(plan_table(cfg, plan, data.describe()))
         log.info("config valid, data ready in %.1f s", time.perf_counter() - started)
     try:
-        summary = train(cfg, dist, data, plan)
-    except DataError as err:
+        summary = train(cfg, dist, data, plan, start)
+    except (DataError, InitWeightsError) as err:
         log.error("%s", err)
         return 2
     if dist.is_main:

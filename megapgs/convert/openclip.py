@@ -24,6 +24,8 @@ def from_openclip_key(key: str) -> str:
 # OpenCLIP keeps these as 0-d tensors; megapgs as shape (1,), because DeepSpeed's model broadcast
 # views every parameter as bytes, which a 0-d tensor cannot do. The one place shapes differ.
 SCALAR_KEYS = ("logit_scale", "logit_bias")
+# OpenCLIP's and megapgs's initial SigLIP bias; in a model config it only says that a logit_bias exists.
+SIGLIP_INIT_LOGIT_BIAS = -10.0
 
 
 def _renamed(state: Mapping[str, torch.Tensor], rename, expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -50,22 +52,25 @@ def from_openclip(openclip_state: Mapping[str, torch.Tensor], state: Mapping[str
     return _renamed(openclip_state, from_openclip_key, state)
 
 
-def openclip_model_cfg(spec) -> dict:
+def openclip_model_cfg(spec, logit_bias: bool = False) -> dict:
     """OpenCLIP's model config for an ArchSpec: what `open_clip_config.json` holds under
-    "model_cfg" for a custom architecture, and what builds the named ones."""
+    "model_cfg" for a custom architecture, and what builds the named ones. `logit_bias`: a SigLIP-
+    trained model (OpenCLIP's CLIP then has a `logit_bias` parameter)."""
     vision, text = spec.vision, spec.text
     vision_cfg = {"image_size": vision.image_size, "patch_size": vision.patch_size, "width": vision.width,
                   "layers": vision.layers, "head_width": vision.head_width, "mlp_ratio": vision.mlp_ratio}
     text_cfg = {"context_length": text.context_length, "vocab_size": text.vocab_size, "width": text.width,
                 "heads": text.heads, "layers": text.layers, "mlp_ratio": text.mlp_ratio}
-    return {"embed_dim": spec.embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    cfg = {"embed_dim": spec.embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    return {**cfg, "init_logit_bias": SIGLIP_INIT_LOGIT_BIAS} if logit_bias else cfg
 
 
-def build_openclip_model(spec) -> torch.nn.Module:
+def build_openclip_model(spec, logit_bias: bool = False) -> torch.nn.Module:
     """An OpenCLIP model of this architecture (random weights, fp32, CPU), without network: named
     architectures through open_clip's own config, custom ones from `openclip_model_cfg`."""
     import open_clip
 
     if spec.openclip_name is not None:
-        return open_clip.create_model(spec.openclip_name, pretrained=None)
-    return open_clip.model.CLIP(**openclip_model_cfg(spec))
+        extra = {"init_logit_bias": SIGLIP_INIT_LOGIT_BIAS} if logit_bias else {}
+        return open_clip.create_model(spec.openclip_name, pretrained=None, **extra)
+    return open_clip.model.CLIP(**openclip_model_cfg(spec, logit_bias))

@@ -1,9 +1,17 @@
 """The model wrapped for training: AdamW param groups -> DeepSpeed engine (ZeRO, precision, clipping).
 
 The order is fixed and documented here, once: seed -> build the CLIP (attention back-end,
-activation checkpointing, compile) -> AdamW with weight decay only on matrices -> the DeepSpeed
-JSON completed with the batch sizes megapgs derives -> `deepspeed.initialize`. The learning rate
-is set on the optimizer each step from `schedule.lr_at`, so there is no scheduler state.
+activation checkpointing, compile) -> the `train.init_from` weights, unless a checkpoint will be
+resumed -> AdamW with weight decay only on matrices -> the DeepSpeed JSON completed with the batch
+sizes megapgs derives -> `deepspeed.initialize`. The learning rate is set on the optimizer each
+step from `schedule.lr_at`, so there is no scheduler state.
+
+`train.init_from` (an initial checkpoint from tools/convert_from_openclip.py, or a megapgs run or
+checkpoint directory) is loaded into the whole model on every rank before DeepSpeed wraps it, so
+ZeRO-3 partitions the loaded weights. Its arch must be `model.arch` and its keys and shapes the
+model's, with one exception: SigLIP training (`train.loss: siglip`) from CLIP weights, which have
+no logit_bias, keeps the fresh logit_bias (SigLIP's initial -10) and takes logit_scale from the
+weights. When `train.resume` finds a checkpoint, init_from is not read at all (megapgs/train/start.py).
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ from typing import Any
 import torch
 
 from megapgs.config import Config
+from megapgs.convert.init_weights import ConversionError, load_init_weights
 from megapgs.dist import DistInfo
 from megapgs.models.clip import CLIP, build_model
 from megapgs.train.plan import RunPlan
@@ -72,14 +81,52 @@ def ensure_process_group(dist: DistInfo) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if dist.device.type == "cuda" else "gloo", verbose=False)
 
 
-def build_engine(cfg: Config, plan: RunPlan, dist: DistInfo):
-    """(DeepSpeed engine, the bare CLIP inside it). Same seed on every rank: same initial weights."""
+class InitWeightsError(ValueError):
+    """train.init_from names weights that do not fit the configured model."""
+
+
+def load_init_from(model: CLIP, cfg: Config, init_from: str) -> None:
+    """Load the `train.init_from` weights into the freshly built model (see the module doc for the one
+    exception)."""
+    where = f"train.init_from={init_from!r}"
+    try:
+        state, arch = load_init_weights(init_from)
+    except (FileNotFoundError, ConversionError) as err:
+        raise InitWeightsError(f"{where}: {err}") from None
+    if arch != cfg.model.arch:
+        raise InitWeightsError(f"{where} holds {arch} weights but model.arch is {cfg.model.arch!r}; they must be equal")
+    expected = model.state_dict()
+    fresh_bias = cfg.train.loss == "siglip" and "logit_bias" in expected and "logit_bias" not in state
+    if fresh_bias:
+        state = {**state, "logit_bias": expected["logit_bias"]}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if unexpected == ["logit_bias"] and not missing:
+        raise InitWeightsError(f"{where} has a logit_bias (SigLIP weights) and train.loss={cfg.train.loss!r} has "
+                               "none; train with train.loss=siglip")
+    if missing or unexpected:
+        raise InitWeightsError(f"{where}: keys differ from {arch}'s: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise InitWeightsError(f"{where}: {key} has shape {tuple(value.shape)} where {arch} has "
+                                   f"{tuple(expected[key].shape)}")
+    model.load_state_dict(state)
+    note = (f"; kept the fresh logit_bias = {float(model.logit_bias.detach()):g} (the weights have none), "
+            f"logit_scale = {float(model.logit_scale.detach()):.4f} from the weights" if fresh_bias else "")
+    log.info("initial weights: %s from %s (%d tensors)%s", arch, init_from, len(state), note)
+
+
+def build_engine(cfg: Config, plan: RunPlan, dist: DistInfo, init_from: str | None = None):
+    """(DeepSpeed engine, the bare CLIP inside it). Same seed on every rank: same initial weights;
+    `init_from` (megapgs/train/start.py decides it) replaces them before ZeRO partitions the model."""
     import deepspeed
 
     ensure_process_group(dist)
     torch.manual_seed(cfg.train.seed)
     dtype = DTYPES[cfg.precision]
     model: CLIP = build_model(cfg.model, dist.device, dtype, training=True, siglip=cfg.train.loss == "siglip")
+    if init_from:
+        load_init_from(model, cfg, init_from)
     groups = param_groups(model, cfg.optim.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   fused=dist.device.type == "cuda")

@@ -25,7 +25,7 @@ from megapgs.perf.timers import StageTimer
 from megapgs.pgs.keyed_random import SampleKeyedDraws
 from megapgs.pgs.pack import PatchMasker
 from megapgs.pgs.selection import pgs_generator
-from megapgs.train.checkpoint import TrainState, find_resume, load_checkpoint, save_checkpoint
+from megapgs.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from megapgs.train.engine import build_engine, set_lr
 from megapgs.train.inputs import build_loader
 from megapgs.train.loss import ContrastiveLoss
@@ -33,6 +33,7 @@ from megapgs.train.metrics import MetricsWriter
 from megapgs.train.plan import RunPlan
 from megapgs.train.progress import TrainProgress
 from megapgs.train.schedule import lr_at, masking_at, progress_at
+from megapgs.train.start import StartPoint
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class Window:
         self.mask_checksum += (kept * weights).sum()
 
 
-def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan) -> RunSummary:
+def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: StartPoint) -> RunSummary:
     from megapgs.data.tokenizer import Tokenizer
     from megapgs.evals.evaluate import evaluate
 
@@ -125,7 +126,7 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan) -> RunSumm
         write_json_atomic(run_dir / "config.json", json.loads(config_json))
 
     # Build in a fixed order: engine (model, optimizer, ZeRO) -> tokenizer -> loader -> loss -> resume.
-    engine, _ = build_engine(cfg, plan, dist)
+    engine, _ = build_engine(cfg, plan, dist, start.init_from)
     arch, device = plan.arch, dist.device
     compute_dtype = next(engine.module.parameters()).dtype
     tokenizer = Tokenizer(cfg.model.arch)
@@ -133,9 +134,8 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan) -> RunSumm
     loss_fn = ContrastiveLoss(cfg.train.loss, cfg.train.local_loss, cfg.train.gather_with_grad,
                               dist.rank, dist.world_size)
     state = TrainState(step=0, samples_seen=0, loader=None)
-    resume_from = find_resume(ckpt_dir, cfg.train.resume)
-    if resume_from is not None:
-        state = load_checkpoint(engine, resume_from, dist)
+    if start.resume_from is not None:
+        state = load_checkpoint(engine, start.resume_from, dist)
         if state.loader is not None:
             loader.load_state_dict(state.loader)
 

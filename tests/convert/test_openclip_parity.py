@@ -39,12 +39,16 @@ def test_converted_model_gives_our_embeddings(arch):
         assert float(theirs.logit_scale.exp()) == pytest.approx(float(ours_out.logit_scale))
 
 
-@pytest.mark.parametrize("arch", ["tiny-28", "ViT-B-16"])
-def test_openclip_round_trip_is_bit_exact(arch):
+@pytest.mark.parametrize("arch, siglip", [("tiny-28", False), ("ViT-B-16", False), ("tiny-28", True),
+                                          ("ViT-B-16", True)])
+def test_openclip_round_trip_is_bit_exact(arch, siglip):
     spec = get_arch(arch)
     torch.manual_seed(1)
-    original = build_openclip_model(spec).state_dict()
-    ours = CLIP(spec).state_dict()
+    original = build_openclip_model(spec, logit_bias=siglip).state_dict()
+    if siglip:
+        original["logit_bias"] = torch.tensor(-7.25)  # a trained value, not the initial one
+    ours = CLIP(spec, init_logit_bias=0.0 if siglip else None).state_dict()
+    assert ("logit_bias" in original) == siglip
     back = to_openclip(from_openclip(original, ours), original)
     assert back.keys() == original.keys()
     for key, value in original.items():

@@ -45,3 +45,24 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "no complete megapgs checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_siglip_run_converts_both_ways(tmp_path):
+    """A SigLIP-trained run keeps its logit_bias through megapgs -> OpenCLIP -> megapgs."""
+    from safetensors.torch import load_file
+
+    from megapgs.convert.checkpoint import read_checkpoint
+
+    run_dir, out, back = tmp_path / "run", tmp_path / "openclip", tmp_path / "init"
+    run([sys.executable, *RUN, "--set", "train.loss=siglip", "--set", "train.micro_batch_size=32",
+         "--set", f"train.output_dir={run_dir}"])
+    result = run([sys.executable, "tools/convert_to_openclip.py", str(run_dir), str(out)])
+    assert "parity: tiny-28" in result.stdout
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    trained, _ = read_checkpoint(run_dir)
+    assert float(model.logit_bias.detach()) == float(trained["logit_bias"]) != -10.0  # trained, not the initial value
+    run([sys.executable, "tools/convert_from_openclip.py", f"local-dir:{out}", str(back)])
+    init = load_file(back / "model.safetensors")
+    assert init.keys() == trained.keys()
+    for key, value in trained.items():
+        assert torch.equal(init[key], value), key
