@@ -65,6 +65,9 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 def test_clip_benchmark_cli_agrees_with_evaluate(capsys, trained, tmp_path):
     ours = evaluate(capsys, trained["run"], "--data", trained["data"], "--no-retrieval")
     assert ours["eval_samples"] == SAMPLES and ours["zeroshot_top1"] > 40  # trained: chance is 10%
+    logged = [json.loads(line) for line in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
+    in_training = [record for record in logged if record["kind"] == "eval"][-1]  # the final evaluation
+    assert ours["zeroshot_top1"] == round(in_training["zeroshot_top1"], 4)  # the numbers training logs
     cli = Path(sys.executable).with_name("clip_benchmark")
     output = tmp_path / "result.json"
     run([str(cli), "eval", "--model", f"local-dir:{trained['openclip']}", "--pretrained", "",
