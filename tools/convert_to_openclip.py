@@ -30,27 +30,31 @@ from safetensors.torch import save_file  # noqa: E402
 from megapgs.atomic import write_atomically  # noqa: E402
 from megapgs.convert.checkpoint import read_checkpoint, resolve_checkpoint  # noqa: E402
 from megapgs.convert.openclip import (  # noqa: E402
-    SIGLIP_INIT_LOGIT_BIAS, build_openclip_model, openclip_model_cfg, to_openclip)
+    SIGLIP_INIT_LOGIT_BIAS, openclip_model_cfg, to_openclip)
 from megapgs.convert.parity import compare  # noqa: E402
 from megapgs.models.archs import get_arch  # noqa: E402
 from megapgs.models.clip import CLIP  # noqa: E402
 from megapgs.train.safe_load import UnsafeCheckpointError  # noqa: E402
 
 
-def write_model_dir(out: Path, spec, openclip_state: dict[str, torch.Tensor]) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    siglip = "logit_bias" in openclip_state
+def model_config(spec, siglip: bool) -> dict:
+    """open_clip_config.json: OpenCLIP's own config for its named architectures, ours otherwise;
+    `init_logit_bias` for a SigLIP-trained model; megapgs's preprocessing."""
     model_cfg = open_clip.get_model_config(spec.openclip_name) if spec.openclip_name else openclip_model_cfg(spec)
     if siglip:
         model_cfg = {**model_cfg, "init_logit_bias": SIGLIP_INIT_LOGIT_BIAS}
-    config = {"model_cfg": model_cfg,
-              "preprocess_cfg": {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
-                                 "interpolation": "bicubic", "resize_mode": "shortest"}}
+    return {"model_cfg": model_cfg,
+            "preprocess_cfg": {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
+                               "interpolation": "bicubic", "resize_mode": "shortest"}}
+
+
+def write_model_dir(out: Path, spec, config: dict, openclip_state: dict[str, torch.Tensor]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.contiguous() for key, value in openclip_state.items()}
     written = [out / "open_clip_model.safetensors", out / "open_clip_config.json"]
     write_atomically(written[0], lambda tmp: save_file(tensors, str(tmp)))
     write_atomically(written[1], lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-    if spec.openclip_name and not siglip:
+    if spec.openclip_name and "init_logit_bias" not in config["model_cfg"]:
         written += [out / f"{spec.openclip_name}.pt", out / f"{spec.openclip_name}.safetensors"]
         write_atomically(written[2], lambda tmp: torch.save(tensors, tmp))
         write_atomically(written[3], lambda tmp: save_file(tensors, str(tmp)))
@@ -70,11 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec = get_arch(config["model"]["arch"])
     siglip = "logit_bias" in state
-    ours = CLIP(spec, init_logit_bias=0.0 if siglip else None).eval()
-    ours.load_state_dict(state)
-    openclip_state = to_openclip({k: v.detach() for k, v in ours.state_dict().items()},
-                                 build_openclip_model(spec, logit_bias=siglip).state_dict())
-    written = write_model_dir(args.out, spec, openclip_state)
+    with torch.device("meta"):  # the model takes the checkpoint's tensors: one copy of the weights in memory
+        ours = CLIP(spec, init_logit_bias=0.0 if siglip else None).eval()
+    ours.load_state_dict(state, assign=True)
+    del state
+    config = model_config(spec, siglip)
+    with torch.device("meta"):  # OpenCLIP's keys and shapes, without allocating its weights
+        template = open_clip.model.CLIP(**config["model_cfg"]).state_dict()
+    openclip_state = to_openclip({k: v.detach() for k, v in ours.state_dict().items()}, template)
+    written = write_model_dir(args.out, spec, config, openclip_state)
+    del openclip_state
     parity = compare(ours, open_clip.create_model(f"local-dir:{args.out}").eval(), spec)
     for file in written:
         print(f"wrote {file} ({file.stat().st_size / 1e6:.1f} MB)")
