@@ -21,9 +21,10 @@ from megapgs.config import ConfigError, load_config
 from megapgs.data.prepare import DataError, prepare_data
 from megapgs.dist import init_distributed
 from megapgs.log import console, setup_logging
-from megapgs.train.loop import RunSummary, train
 from megapgs.train.engine import InitWeightsError
+from megapgs.train.loop import RunSummary, train
 from megapgs.train.plan import RunPlan, plan_run
+from megapgs.train.safe_load import UnsafeCheckpointError
 from megapgs.train.start import StartError, decide_start
 
 log = logging.getLogger("megapgs")
@@ -90,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("config valid, data ready in %.1f s", time.perf_counter() - started)
     try:
         summary = train(cfg, dist, data, plan, start)
-    except (DataError, InitWeightsError) as err:
+    except (DataError, InitWeightsError, UnsafeCheckpointError) as err:
         log.error("%s", err)
         return 2
     if dist.is_main:

@@ -27,6 +27,7 @@ from megapgs.convert.init_weights import ConversionError, load_init_weights
 from megapgs.dist import DistInfo
 from megapgs.models.clip import CLIP, build_model
 from megapgs.train.plan import RunPlan
+from megapgs.train.safe_load import UnsafeCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def load_init_from(model: CLIP, cfg: Config, init_from: str) -> None:
     where = f"train.init_from={init_from!r}"
     try:
         state, arch = load_init_weights(init_from)
-    except (FileNotFoundError, ConversionError) as err:
+    except (FileNotFoundError, ConversionError, UnsafeCheckpointError) as err:
         raise InitWeightsError(f"{where}: {err}") from None
     if arch != cfg.model.arch:
         raise InitWeightsError(f"{where} holds {arch} weights but model.arch is {cfg.model.arch!r}; they must be equal")
