@@ -1,6 +1,7 @@
 """Files written so that a crash never leaves a half-written one under the final name."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -18,3 +19,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1) + "\n"))

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from megapgs.convert.checkpoint import clip_from_state  # noqa: E402
 from megapgs.convert.init_weights import (  # noqa: E402
     LOCAL_DIR,
     ConversionError,
@@ -35,7 +36,6 @@ from megapgs.convert.init_weights import (  # noqa: E402
 )
 from megapgs.convert.parity import Parity, compare  # noqa: E402
 from megapgs.models.archs import get_arch  # noqa: E402
-from megapgs.models.clip import CLIP  # noqa: E402
 
 @torch.no_grad()
 def check_parity(out: Path, source: OpenCLIPWeights) -> Parity:
@@ -44,8 +44,7 @@ def check_parity(out: Path, source: OpenCLIPWeights) -> Parity:
 
     state, arch = load_init_weights(out)
     spec = get_arch(arch)
-    ours = CLIP(spec, init_logit_bias=0.0 if "logit_bias" in state else None).eval()
-    ours.load_state_dict(state)
+    ours = clip_from_state(spec, state)
     del state
     if source.model.startswith(LOCAL_DIR):
         theirs = open_clip.create_model(source.model)

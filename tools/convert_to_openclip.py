@@ -28,12 +28,11 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa:
 from safetensors.torch import save_file  # noqa: E402
 
 from megapgs.atomic import write_atomically  # noqa: E402
-from megapgs.convert.checkpoint import read_checkpoint, resolve_checkpoint  # noqa: E402
+from megapgs.convert.checkpoint import clip_from_state, read_checkpoint, resolve_checkpoint  # noqa: E402
 from megapgs.convert.openclip import (  # noqa: E402
     SIGLIP_INIT_LOGIT_BIAS, openclip_model_cfg, to_openclip)
 from megapgs.convert.parity import compare  # noqa: E402
 from megapgs.models.archs import get_arch  # noqa: E402
-from megapgs.models.clip import CLIP  # noqa: E402
 from megapgs.train.safe_load import UnsafeCheckpointError  # noqa: E402
 
 
@@ -74,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec = get_arch(config["model"]["arch"])
     siglip = "logit_bias" in state
-    with torch.device("meta"):  # the model takes the checkpoint's tensors: one copy of the weights in memory
-        ours = CLIP(spec, init_logit_bias=0.0 if siglip else None).eval()
-    ours.load_state_dict(state, assign=True)
+    ours = clip_from_state(spec, state)  # the checkpoint's tensors: one copy of the weights in memory
     del state
     config = model_config(spec, siglip)
     with torch.device("meta"):  # OpenCLIP's keys and shapes, without allocating its weights

@@ -61,6 +61,8 @@ def load_openclip(name: str, pretrained: str | None):
     """(model, tokenizer, image size) of an OpenCLIP model directory or architecture + weights file."""
     import open_clip
 
+    from megapgs.models.text import eot_lengths
+
     if not name.startswith("local-dir:") and pretrained is None:
         raise ValueError(f"{name!r}: an OpenCLIP architecture needs --pretrained FILE (its weights)")
     if pretrained is not None and not Path(pretrained).is_file():
@@ -72,23 +74,20 @@ def load_openclip(name: str, pretrained: str | None):
 
     def tokenizer(captions):
         tokens = tokenize(list(captions), context_length=context).to(torch.int64)
-        return tokens, (tokens.argmax(dim=-1) + 1).tolist()
+        return tokens, eot_lengths(tokens).tolist()
 
     return OpenCLIPModel(model).eval(), tokenizer, model.visual.image_size[0]
 
 
 def load_megapgs(path: Path):
     """(model, tokenizer, image size) of a megapgs run directory or checkpoint."""
-    from megapgs.convert.checkpoint import read_checkpoint
+    from megapgs.convert.checkpoint import clip_from_state, read_checkpoint
     from megapgs.data.tokenizer import Tokenizer
     from megapgs.models.archs import get_arch
-    from megapgs.models.clip import CLIP
 
     state, config = read_checkpoint(path)
     arch = get_arch(config["model"]["arch"])
-    model = CLIP(arch, init_logit_bias=0.0 if "logit_bias" in state else None)
-    model.load_state_dict(state)
-    return model.eval(), Tokenizer(arch.name), arch.vision.image_size
+    return clip_from_state(arch, state), Tokenizer(arch.name), arch.vision.image_size
 
 
 def load_model(spec: str, pretrained: str | None = None):

@@ -47,3 +47,14 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         files = load_weights_only(path / "mp_rank_00_model_states.pt", allow=deepspeed_types(), mmap=True)
         state = files["module"]
     return {key: value.float() for key, value in state.items()}, config
+
+
+def clip_from_state(spec, state: dict[str, torch.Tensor]):
+    """A megapgs CLIP (eval mode) holding exactly these tensors, without allocating a second copy;
+    a `logit_bias` in the state makes it a SigLIP model."""
+    from megapgs.models.clip import CLIP
+
+    with torch.device("meta"):
+        model = CLIP(spec, init_logit_bias=0.0 if "logit_bias" in state else None)
+    model.load_state_dict(state, assign=True)
+    return model.eval()

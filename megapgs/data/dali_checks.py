@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from megapgs.data.faults import IMAGE_EXTS, SkipCounter, check_caption, decode_image
 from megapgs.data.prepare import DataError
-from megapgs.data.shards import write_json_atomic
+from megapgs.atomic import write_json_atomic
 
 CHECK_VERSION = 1
 CAPTION_EXT = "txt"

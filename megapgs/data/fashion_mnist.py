@@ -25,7 +25,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from megapgs.data.shards import MANIFEST, write_json_atomic, write_shards
+from megapgs.atomic import write_json_atomic
+from megapgs.data.shards import MANIFEST, write_shards
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from webdataset.tariterators import base_plus_ext
 
+from megapgs.atomic import write_json_atomic
 from megapgs.data.faults import SkipCounter
 from megapgs.log import console
 
@@ -88,12 +89,6 @@ def write_dali_index(tar_path: Path, idx_path: Path) -> int:
         raise ValueError(f"{tar_path} holds no samples; DALI cannot index an empty shard")
     idx_path.write_text(f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
     return len(samples)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def read_manifest(path: Path) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megapgs.atomic import write_atomically
 from megapgs.dist import DistInfo
 from megapgs.train.safe_load import load_weights_only, vet_checkpoint_dir
 
@@ -44,15 +44,6 @@ class TrainState:
 
 def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -104,13 +95,13 @@ def save_checkpoint(engine, ckpt_dir: Path, state: TrainState, dist: DistInfo, k
     path = ckpt_dir / tag
     payload = {"step": state.step, "samples_seen": state.samples_seen, "loader": state.loader,
                "rng": _rng_state(), "world_size": dist.world_size}
-    _atomic_write_bytes(path / f"megapgs_rank{dist.rank}.pt", lambda fh: torch.save(payload, fh))
+    write_atomically(path / f"megapgs_rank{dist.rank}.pt", lambda tmp: torch.save(payload, tmp))
     dist.barrier()  # every rank's files are in place before the checkpoint is declared complete
     if dist.is_main:
         marker = {"step": state.step, "samples_seen": state.samples_seen, "world_size": dist.world_size,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": json.loads(config_json)}
-        _atomic_write_bytes(path / COMPLETE, lambda fh: fh.write(json.dumps(marker, indent=1).encode()))
-        _atomic_write_bytes(ckpt_dir / "latest", lambda fh: fh.write(tag.encode()))
+        write_atomically(path / COMPLETE, lambda tmp: tmp.write_text(json.dumps(marker, indent=1)))
+        write_atomically(ckpt_dir / "latest", lambda tmp: tmp.write_text(tag))
         _prune(ckpt_dir, keep_last)
     dist.barrier()
     return path

@@ -18,7 +18,7 @@ import torch
 
 from megapgs.config import Config
 from megapgs.data.prepare import DataPlan
-from megapgs.data.shards import write_json_atomic
+from megapgs.atomic import write_json_atomic
 from megapgs.dist import DistInfo
 from megapgs.perf.flops import clip_forward_flops, mfu, peak_flops
 from megapgs.perf.timers import StageTimer

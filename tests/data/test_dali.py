@@ -76,18 +76,29 @@ def _epoch(loader) -> tuple[list[str], dict[str, torch.Tensor]]:
     return keys, images
 
 
+def _pil_images(shards) -> dict:
+    """{key: image} as the CPU (PIL) loader decodes and resizes them, augmentation off."""
+    reference = {}
+    for images, _, _, keys in iter_eval_batches(shards, image_size=IMAGE_SIZE, batch_size=8):
+        reference.update(zip(keys, images))
+    return reference
+
+
+def _diff_255(images: dict, reference: dict, keys) -> torch.Tensor:
+    """|images - reference| in 0..255 pixel levels."""
+    return (torch.stack([images[k] for k in keys]) - torch.stack([reference[k] for k in keys])).abs() * STD_255
+
+
 # ----------------------------------------------------------------------------- acceptance 1
 
 def test_dali_cpu_mode_matches_the_cpu_loader(tmp_path, tokenizer):
     shards = _photo_shards(tmp_path / "photos")
-    reference = {}
-    for images, _, _, keys in iter_eval_batches(shards, image_size=IMAGE_SIZE, batch_size=8):
-        reference.update(zip(keys, images))
+    reference = _pil_images(shards)
     loader = build_dali_loader(_cfg(tmp_path), shards, image_size=IMAGE_SIZE, tokenizer=tokenizer,
                                batch_size=6, rank=0, world_size=1, seed=0, device="cpu")
     keys, images = _epoch(loader)
     assert keys == list(reference)  # same samples, in tar order (no shuffle)
-    diff_255 = (torch.stack([images[k] for k in keys]) - torch.stack([reference[k] for k in keys])).abs() * STD_255
+    diff_255 = _diff_255(images, reference, keys)
     print(f"\nDALI CPU vs PIL loader, {len(keys)} images at {IMAGE_SIZE}px: max |diff| {diff_255.max():.2f}, "
           f"mean |diff| {diff_255.mean():.3f}, share > 2 levels {(diff_255 > 2).float().mean():.4f} (0..255 units)")
     assert diff_255.max() <= MAX_ABS_DIFF_255
@@ -233,14 +244,12 @@ def test_mixed_mode_matches_cpu_mode(tmp_path, tokenizer):
 
 def test_nvjpeg_cpu_twin_matches_the_cpu_loader(tmp_path, tokenizer):
     shards = _photo_shards(tmp_path / "photos")
-    reference = {}
-    for images, _, _, keys in iter_eval_batches(shards, image_size=IMAGE_SIZE, batch_size=8):
-        reference.update(zip(keys, images))
+    reference = _pil_images(shards)
     loader = build_nvjpeg_loader(_cfg(tmp_path), shards, image_size=IMAGE_SIZE, tokenizer=tokenizer,
                                  batch_size=6, rank=0, world_size=1, seed=0, device="cpu")
     keys, images = _epoch(loader)
     assert keys == list(reference)
-    diff_255 = (torch.stack([images[k] for k in keys]) - torch.stack([reference[k] for k in keys])).abs() * STD_255
+    diff_255 = _diff_255(images, reference, keys)
     print(f"\nnvJPEG loader (CPU twin) vs PIL loader: max |diff| {diff_255.max():.2f}, mean {diff_255.mean():.3f}, "
           f"share > 2 levels {(diff_255 > 2).float().mean():.4f} (0..255 units)")
     assert diff_255.max() <= MAX_ABS_DIFF_255
