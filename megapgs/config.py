@@ -93,6 +93,10 @@ class PGSConfig(_Section):
         "rank", description="masks drawn per (seed, step, rank), or per global sample: rank-count invariant")
     unmasked_tail: float = Field(
         0.0, ge=0, lt=1, description="share of the last training steps run unmasked (FLIP's unmasked tuning)")
+    packed_length: Literal["auto", "static", "exact"] = Field(
+        "auto", description="static: a fixed token budget B(k_max+1) + padding, no host sync, one compiled "
+                            "shape; exact: sum(k_i+1) tokens, counts read from the device (a sync); auto: "
+                            "static on CUDA, exact on the CPU")
 
     @model_validator(mode="after")
     def _keep_bounds(self) -> PGSConfig:
@@ -164,6 +168,10 @@ class TrainConfig(_Section):
     loss: Literal["clip", "siglip"] = Field("clip", description="contrastive InfoNCE or SigLIP sigmoid loss")
     local_loss: bool = Field(False, description="each rank scores its own rows against all columns")
     gather_with_grad: bool = Field(False, description="gather features across ranks with gradient")
+    contrastive_batch: Literal["global", "micro_batch"] = Field(
+        "global", description="global: the loss sees the whole global batch whatever the accumulation (feature "
+                              "caching, one extra forward per micro-batch); micro_batch: each micro-batch's "
+                              "ranks x micro_batch_size pairs alone")
     resume: str = Field("none", description="none, auto (newest complete checkpoint) or a checkpoint path")
     init_from: str | None = Field(
         None, description="initial weights: a tools/convert_from_openclip.py output or a megapgs run/checkpoint "
@@ -256,6 +264,11 @@ class Config(_Section):
             raise FieldProblem(where, f"{err['msg']} (got {json.dumps(err.get('input'), default=str)})") from None
         if all(ds.get(p, {}).get("enabled") for p in ("bf16", "fp16")):
             raise FieldProblem("bf16", "bf16 and fp16 cannot both be enabled")
+        accum = ds.get("data_types", {}).get("grad_accum_dtype", "fp32")
+        if ds.get("bf16", {}).get("enabled") and zero.get("stage", 0) == 0 and accum in ("fp32", "float32"):
+            raise FieldProblem("zero_optimization.stage", "bf16 training accumulates gradients in fp32, which "
+                               "DeepSpeed does under ZeRO stage 1, 2 or 3 only: use stage >= 1 (or accept bf16 "
+                               "accumulation with data_types.grad_accum_dtype: bf16)")
         return ds
 
     @model_validator(mode="after")

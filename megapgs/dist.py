@@ -1,15 +1,25 @@
-"""Who this process is: rank, world size and device, from the launcher's environment.
+"""Who this process is, the process group, and every collective megapgs issues.
 
 `deepspeed`, `torchrun` and Slurm (through our launch script) all export RANK, LOCAL_RANK and
-WORLD_SIZE; a plain `python pretrain.py` has none of them and is rank 0 of 1. The process group is
-created through DeepSpeed (gloo on CPU, nccl on GPU) so that the engine finds it ready.
+WORLD_SIZE; a plain `python pretrain.py` has none of them and is rank 0 of 1 (DeepSpeed still
+needs a process group: it gets a one-rank group on a free local port).
+
+The rule that a CPU test cannot see: NCCL takes only CUDA tensors ("No backend type associated
+with device type cpu"). So on a GPU the process group is `cpu:gloo,cuda:nccl`: a library's
+collective on a CPU tensor still works, over gloo; and megapgs's own collectives all go through
+the functions below, which put their tensors on the communication device (the rank's GPU, or
+the CPU) before the collective. tests/test_dist.py fails when a module calls torch.distributed's
+collectives anywhere else.
 """
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as tdist
+import torch.distributed.nn.functional as tdist_nn
 
 
 @dataclass(frozen=True)
@@ -27,9 +37,17 @@ class DistInfo:
     def is_local_main(self) -> bool:
         return self.local_rank == 0
 
+    @property
+    def comm_device(self) -> torch.device:
+        """Where this rank's collectives put their tensors: its GPU (NCCL), else the CPU (gloo)."""
+        return self.device
+
     def barrier(self) -> None:
         if self.world_size > 1:
-            torch.distributed.barrier()
+            if self.device.type == "cuda":  # NCCL's barrier on this rank's own GPU, not device 0
+                tdist.barrier(device_ids=[self.device.index])
+            else:
+                tdist.barrier()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -40,6 +58,33 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def process_group_backend(device: torch.device) -> str:
+    """NCCL for CUDA tensors and gloo for CPU ones on a GPU; gloo alone on the CPU."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def join_process_group(dist: DistInfo) -> None:
+    """Create the process group (once) and let DeepSpeed's comm layer adopt it."""
+    import deepspeed  # slow to import; only the engine and multi-rank start-up need it
+
+    if not tdist.is_initialized():
+        if dist.world_size == 1:
+            for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                                ("MASTER_ADDR", "127.0.0.1")):
+                os.environ.setdefault(name, value)
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # DeepSpeed hands the backend string to torch.distributed.init_process_group unchanged
+        deepspeed.init_distributed(dist_backend=process_group_backend(dist.device), verbose=False)
+    else:
+        deepspeed.init_distributed(verbose=False)  # adopts the group that is already there
 
 
 def init_distributed() -> DistInfo:
@@ -54,8 +99,43 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not torch.distributed.is_initialized():
-        import deepspeed  # slow to import; only multi-process runs need it here
+    info = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    if world_size > 1:
+        join_process_group(info)
+    return info
 
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+# ----------------------------------------------------------------------------- collectives
+
+def all_reduce_sum(tensor: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+    """The sum over ranks of `tensor`, on the communication device (a copy when it was elsewhere)."""
+    values = tensor.to(dist.comm_device, non_blocking=True)
+    if dist.world_size > 1:
+        if values is tensor:
+            values = values.clone()
+        tdist.all_reduce(values)
+    return values
+
+
+def all_gather_rows(rows_BE: torch.Tensor, dist: DistInfo, with_grad: bool) -> torch.Tensor:
+    """(W*B, E): every rank's rows in rank order. With `with_grad` the gradient flows back to each
+    rank's own rows from every rank (autograd through the gather); without it the other ranks'
+    rows are constants and this rank's slice keeps its gradient."""
+    if dist.world_size == 1:
+        return rows_BE
+    if rows_BE.device != dist.comm_device:
+        raise ValueError(f"all_gather_rows takes tensors on {dist.comm_device}, got {rows_BE.device}")
+    if with_grad:
+        return torch.cat(tdist_nn.all_gather(rows_BE), dim=0)
+    parts = [torch.empty_like(rows_BE) for _ in range(dist.world_size)]
+    tdist.all_gather(parts, rows_BE.detach().contiguous())
+    parts[dist.rank] = rows_BE  # this rank's slice, with its gradient
+    return torch.cat(parts, dim=0)
+
+
+def mean_over_ranks(value: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+    """The mean over ranks of a 0-d value; its gradient is that of the local term."""
+    if dist.world_size == 1:
+        return value
+    total = all_reduce_sum(value.detach(), dist)
+    return value + (total / dist.world_size - value).detach()

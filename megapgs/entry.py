@@ -21,6 +21,7 @@ from megapgs.config import ConfigError, load_config
 from megapgs.data.prepare import DataError, prepare_data
 from megapgs.dist import init_distributed
 from megapgs.log import console, setup_logging
+from megapgs.packed import Packed
 from megapgs.train.engine import InitWeightsError
 from megapgs.train.loop import RunSummary, train
 from megapgs.train.plan import RunPlan, plan_run
@@ -54,13 +55,21 @@ def plan_table(cfg, plan: RunPlan, data_text: str) -> Table:
                   f"attention {cfg.model.attention}"),
         ("masking", f"{cfg.pgs.masking}: keeps {kept} per image in training" + (
             f", the last {round(cfg.pgs.unmasked_tail * plan.total_steps):,} steps unmasked"
-            if cfg.pgs.masking != "none" and cfg.pgs.unmasked_tail else "")),
+            if cfg.pgs.masking != "none" and cfg.pgs.unmasked_tail else "") + (
+            f"; packed into a static budget of {Packed.budget_for(plan.micro_batch_size, k_min + 1, k_max + 1)[0]:,} "
+            "tokens per micro-batch" if cfg.pgs.masking == "pgs" and plan.static_packing else "")),
         ("data", data_text),
         ("batch", f"{plan.global_batch_size} = {plan.micro_batch_size} per rank x {plan.world_size} ranks "
                   f"x {plan.grad_accum_steps} accumulation"),
+        ("contrastive", f"{plan.contrastive_batch_size:,} pairs per loss" + (
+            " (the global batch; features cached over the accumulation, one more forward per micro-batch)"
+            if plan.feature_caching else " (the global batch)" if plan.contrastive_batch_size == plan.global_batch_size
+            else f" (each micro-batch alone, not the global {plan.global_batch_size:,}: train.contrastive_batch)")),
         ("schedule", f"{plan.total_steps:,} steps{epochs}, lr {cfg.optim.lr:g} ({cfg.optim.schedule}, "
                      f"{cfg.optim.warmup_steps} warmup)"),
-        ("engine", f"DeepSpeed ZeRO-{cfg.zero_stage}, {cfg.precision}"),
+        ("engine", f"DeepSpeed ZeRO-{cfg.zero_stage}, {cfg.precision}" + (
+            f", gradients accumulated in {cfg.deepspeed.get('data_types', {}).get('grad_accum_dtype', 'fp32')}"
+            if cfg.precision == "bf16" else "") + (", compiled blocks" if cfg.model.compile else "")),
         ("output", cfg.train.output_dir),
     ]
     for name, value in rows:

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from megapgs.models.archs import get_arch  # noqa: E402
 from megapgs.models.attention import BACKENDS, attention, unavailable_reason  # noqa: E402
 from megapgs.models.blocks import Transformer  # noqa: E402
-from megapgs.models.packed import Packed  # noqa: E402
+from megapgs.packed import Packed  # noqa: E402
 from megapgs.perf.timers import device_label, median_ms  # noqa: E402
 
 PRESETS = {  # arch, batch, (low, high) kept patches per image (+ CLS)

@@ -19,6 +19,8 @@ from typing import Iterable, Mapping
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from megapgs.dist import DistInfo, all_reduce_sum
+
 log = logging.getLogger(__name__)
 
 class DataError(RuntimeError):
@@ -89,13 +91,13 @@ class SkipCounter:
     def log_summary(self, logger: logging.Logger = log, prefix: str = "data") -> None:
         (logger.warning if self.total else logger.info)("%s: %s", prefix, self.summary())
 
-    def all_reduced(self, device: torch.device | str = "cpu") -> SkipCounter:
-        """The counts summed over all ranks (torch.distributed), as a new counter. Every rank
-        must call it (it is a collective); without a process group it returns a copy."""
-        counts_R = torch.tensor([self.counts[r] for r in REASONS], dtype=torch.int64, device=device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts_R)
-        return SkipCounter(dict(zip(REASONS, counts_R.tolist())))
+    def all_reduced(self, dist: DistInfo | None = None) -> SkipCounter:
+        """The counts summed over all ranks, as a new counter. With several ranks every rank must
+        call it (it is a collective, on the ranks' communication device); alone, it is a copy."""
+        if dist is None or dist.world_size == 1:
+            return SkipCounter(self.counts)
+        counts_R = torch.tensor([self.counts[r] for r in REASONS], dtype=torch.int64)
+        return SkipCounter(dict(zip(REASONS, all_reduce_sum(counts_R, dist).tolist())))
 
     def __repr__(self) -> str:
         return f"SkipCounter({self.nonzero()})"

@@ -11,7 +11,7 @@ missing here falls back with one log line.
     torch_varlen  torch.nn.attention.varlen.varlen_attn: flash kernels, CUDA, bf16/fp16
     flash_attn    flash_attn_varlen_func, when the flash-attn package is installed (CUDA, bf16/fp16)
     xformers      memory_efficient_attention with a block-diagonal mask, when installed (CUDA)
-    flex          FlexAttention with a document mask (forward only on the CPU)
+    flex          FlexAttention with a document mask (forward only on the CPU; refused for CUDA training)
     sdpa_padded   unpack to (B, max_seqlen), key-padding mask, scaled_dot_product_attention: any device
     reference     a float32 loop over sequences: the definition, for tests
 """
@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from megapgs.models.packed import Packed
+from megapgs.packed import Packed
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed
 
 
 def _sdpa_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed, causal: bool) -> torch.Tensor:
-    B, S = packed.num_seqs, packed.max_seqlen
+    B, S = packed.num_segments, packed.max_seqlen  # padding segments of a token budget are rows too
     T, H, Dh = q.shape
     if packed.is_uniform:  # equal lengths (evaluation, or no masking): a plain batch, no mask
         q_BHSd, k_BHSd, v_BHSd = (t.view(B, S, H, Dh).transpose(1, 2) for t in (q, k, v))
@@ -60,7 +60,7 @@ def _sdpa_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Pack
     def pad(t_THd: torch.Tensor) -> torch.Tensor:
         return t_THd.new_zeros(B, S, H, Dh).index_put((seq, pos), t_THd).transpose(1, 2)  # (B, H, S, Dh)
 
-    key_valid_BS = torch.arange(S, device=q.device) < packed.lengths()[:, None]
+    key_valid_BS = torch.arange(S, device=q.device) < packed.segment_lengths()[:, None]
     mask_B11S = key_valid_BS[:, None, None, :]
     if causal:
         mask_B11S = mask_B11S & torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
@@ -116,7 +116,12 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packe
 def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed, causal: bool) -> torch.Tensor:
     from xformers.ops import fmha
 
-    lengths = (packed.host_lengths if packed.host_lengths is not None else packed.lengths().cpu()).tolist()
+    # xformers takes the lengths on the host: a layout without host lengths (a token budget)
+    # costs a host sync here, every layer
+    if packed.host_lengths is not None and packed.num_segments == packed.num_seqs:
+        lengths = packed.host_lengths.tolist()
+    else:
+        lengths = packed.segment_lengths().cpu().tolist()
     mask_cls = fmha.BlockDiagonalCausalMask if causal else fmha.BlockDiagonalMask
     bias = mask_cls.from_seqlens(lengths)
     return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
@@ -161,6 +166,14 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, trai
     return None
 
 
+def refused_backend_reason(requested: str, device: torch.device, training: bool) -> str | None:
+    """Why a back-end that would run here is refused outright (no fallback), or None."""
+    if requested == "flex" and training and device.type == "cuda":
+        return ("'flex' is refused for CUDA training: its block mask would be built from a dense T x T mask "
+                "over the packed stream (T is about 40 000 tokens at ViT-L batch 256); use auto or torch_varlen")
+    return None
+
+
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, training: bool = True) -> str:
     """The back-end to use for `requested` ("auto" or a name) on this device and dtype.
 
@@ -169,6 +182,9 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, tr
     """
     if requested != "auto" and requested not in BACKENDS:
         raise ValueError(f"unknown attention back-end {requested!r}; known: auto, {', '.join(BACKENDS)}")
+    refused = refused_backend_reason(requested, device, training)
+    if refused:
+        raise ValueError(refused)
     if requested != "auto":
         reason = unavailable_reason(requested, device, dtype, training)
         if reason is None:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megapgs.models.attention import attention
-from megapgs.models.packed import Packed
+from megapgs.packed import Packed
 
 
 class SelfAttention(nn.Module):

@@ -74,7 +74,7 @@ class CLIP(nn.Module):
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 training: bool = True, siglip: bool = False) -> CLIP:
     """The configured CLIP on `device`: attention back-end resolved once for the device and the
-    compute dtype, activation checkpointing and per-block torch.compile as configured. `siglip`
+    compute dtype and activation checkpointing as configured (`compile_blocks` compiles). `siglip`
     adds the logit bias and SigLIP's initial temperature."""
     device = torch.device(device)
     spec = get_arch(cfg.arch)
@@ -83,8 +83,14 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: tor
     log.info("attention back-end: %s (requested %s)", backend, cfg.attention)
     model.set_attention(backend)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    if cfg.compile:
-        for tower in (model.visual, model.text):
-            for block in tower.transformer.resblocks:
-                block.compile()
     return model
+
+
+def compile_blocks(model: CLIP) -> None:
+    """torch.compile each transformer block's forward: the module's own call (and the hooks that
+    ZeRO-3 puts on it, to gather its parameters) stays eager around the compiled code, so this
+    works whether or not DeepSpeed has wrapped the model, before or after. Blocks of a tower share
+    one compiled graph; a token budget keeps the image tower's shapes static."""
+    for tower in (model.visual, model.text):
+        for block in tower.transformer.resblocks:
+            block.forward = torch.compile(block.forward)

@@ -12,7 +12,7 @@ from torch import nn
 
 from megapgs.models.archs import TextSpec
 from megapgs.models.blocks import Transformer
-from megapgs.models.packed import Packed
+from megapgs.packed import Packed
 
 
 def eot_lengths(tokens_BC: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,11 @@ class TextTower(nn.Module):
             pos_T = torch.arange(C, device=tokens_BC.device).repeat(B)
             pool_rows = torch.arange(B, device=tokens_BC.device) * C + tokens_BC.argmax(dim=-1)
         else:
-            packed = Packed.from_lengths(lengths, device=tokens_BC.device)
+            # cu_seqlens from the device's own token ids (no host-to-device copy); T and the max
+            # length from the host's lengths, which the loader counted from the same ids
+            if isinstance(lengths, torch.Tensor):  # a host tensor from eot_lengths; training passes a list
+                lengths = lengths.tolist()
+            packed = Packed.from_device_lengths(eot_lengths(tokens_BC), list(lengths))
             seq_T, pos_T = packed.seq_ids(), packed.positions()
             ids_T = tokens_BC[seq_T, pos_T]  # the tokens up to each EOT, concatenated
             pool_rows = packed.last_rows()  # EOT closes each segment

@@ -13,7 +13,7 @@ from torch import nn
 
 from megapgs.models.archs import VisionSpec
 from megapgs.models.blocks import Transformer
-from megapgs.models.packed import Packed
+from megapgs.packed import Packed
 
 # keep(images_BCHW, cls_D, tokens_BLD) -> (x_TD, packed): the tokens that go through the blocks,
 # CLS first in each sequence. Training passes PGS (or random masking); None keeps every token.

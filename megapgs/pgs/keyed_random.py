@@ -38,17 +38,20 @@ class SampleKeyedDraws:
     step: int
     first_sample: int
 
-    def uniform(self, batch: int, count: int, stream: int, device: torch.device | str) -> torch.Tensor:
-        """(batch, count) float32 in [0, 1) with 24 random bits each; `stream` separates the
-        different draws of one step (candidates, keep order)."""
-        key = torch.tensor([self.seed & _MASK32], dtype=torch.int64, device=device)
+    def bits(self, batch: int, count: int, stream: int, device: torch.device | str) -> torch.Tensor:
+        """(batch, count) int64 of 32 random bits each, the same on every device; `stream`
+        separates the different draws of one step (candidates, keep order)."""
+        key = torch.full((1,), self.seed & _MASK32, dtype=torch.int64, device=device)  # a fill, not a copy
         for part in (self.step, stream):
             key = hash32(key ^ (part & _MASK32))
         samples = torch.arange(self.first_sample, self.first_sample + batch, dtype=torch.int64, device=device)
         per_sample = hash32(key ^ (samples & _MASK32))                                        # (B,)
         slots = hash32(torch.arange(count, dtype=torch.int64, device=device) + 0x9E3779B9 & _MASK32)
-        bits = hash32(hash32(per_sample[:, None] ^ slots[None, :]))                            # (B, count)
-        return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
+        return hash32(hash32(per_sample[:, None] ^ slots[None, :]))                            # (B, count)
+
+    def uniform(self, batch: int, count: int, stream: int, device: torch.device | str) -> torch.Tensor:
+        """(batch, count) float32 in [0, 1) with 24 random bits each."""
+        return (self.bits(batch, count, stream, device) >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def uniform(source: torch.Generator | SampleKeyedDraws, batch: int, count: int, stream: int,

@@ -1,4 +1,4 @@
-"""PGS steps 1-5 (../shared/docs/PGS.md): which patches each image keeps.
+"""PGS steps 1-5 (PGS.md): which patches each image keeps.
 
     images (B,3,H,W), tokens (B,L,D) ──► edges ──► candidates ──► similarity (+OT) ──► threshold
                                                                         ──► keep draw ──► Selection
@@ -6,12 +6,15 @@
 Everything is batched over images (no Python loop over them), runs without autograd in
 float32 whatever the surrounding autocast, and draws all randomness from one
 torch.Generator (`pgs_generator`: seeded by seed, step and rank), or from draws keyed by each
-sample's global index (`keyed_random.SampleKeyedDraws`, `pgs.rng: sample`). The only host-device
-synchronisation is the one PGS.md allows: the per-image counts k_i are read once to size
-the packed stream (`Packed.from_lengths`); random masking needs none.
+sample's global index (`keyed_random.SampleKeyedDraws`, `pgs.rng: sample`). Nothing is read
+back from the device when the packed stream has a static token budget (`static=True`,
+`pgs.packed_length: static`): its length is B (k_max + 1) plus a little padding, whatever the
+counts k_i. With `static=False` the counts are read once to pack exactly sum(k_i + 1) rows, a
+host sync that costs nothing on the CPU. Random masking keeps k_max everywhere and needs neither.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from megapgs.config import PGSConfig
-from megapgs.models.packed import Packed
+from megapgs.packed import Packed
 from megapgs.pgs.keep import keep_bounds
 from megapgs.pgs.keyed_random import SampleKeyedDraws, uniform
 from megapgs.pgs.ot import entropic_balance, reference_balance
@@ -28,6 +31,13 @@ from megapgs.pgs.ot import entropic_balance, reference_balance
 RandomSource = torch.Generator | SampleKeyedDraws
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+@functools.cache
+def _sobel_kernels(device: torch.device) -> torch.Tensor:
+    """(2, 1, 3, 3) Gx, Gy on `device`: copied there once, not every step (a host-to-device copy
+    from pageable memory waits for the device)."""
+    return torch.stack([_SOBEL_X, _SOBEL_X.t()])[:, None].to(device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,7 +90,7 @@ def sobel_magnitude(images_BCHW: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) Sobel gradient magnitude of the grey (channel-mean) image. The border is
     replicated, so the frame of the image is not an edge."""
     grey = images_BCHW.float().mean(dim=1, keepdim=True)                        # (B,1,H,W)
-    kernels = torch.stack([_SOBEL_X, _SOBEL_X.t()])[:, None].to(grey.device)   # (2,1,3,3)
+    kernels = _sobel_kernels(grey.device)                                       # (2,1,3,3)
     grads = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernels)     # (B,2,H,W)
     return grads.square().sum(dim=1, keepdim=True).sqrt()
 
@@ -151,16 +161,20 @@ def draw_candidates(images_BCHW: torch.Tensor, cfg: PGSConfig, patch_size: int, 
     return torch.topk(scores, n_c, dim=1, largest=False).indices
 
 
-def _finish(priority_BL: torch.Tensor, counts_B: torch.Tensor, k_max: int, num_patches: int,
-            stats: dict[str, torch.Tensor], host_counts: list[int] | None = None) -> Selection:
-    """Keep the counts[i] highest-priority patches of each image, sorted by index."""
+def _finish(priority_BL: torch.Tensor, counts_B: torch.Tensor, k_bounds: tuple[int, int], num_patches: int,
+            stats: dict[str, torch.Tensor], static: bool) -> Selection:
+    """Keep the counts[i] highest-priority patches of each image, sorted by index, and lay out
+    the packed stream: a static token budget (`static`: nothing read back from the device), or
+    exactly sum(k_i + 1) rows (the counts read on the host: a sync)."""
+    k_min, k_max = k_bounds
     order = torch.topk(priority_BL, k_max, dim=1).indices                           # (B,k_max)
     slot = torch.arange(k_max, device=order.device)
     kept = torch.where(slot[None, :] < counts_B[:, None], order, num_patches)
     kept_idx = kept.sort(dim=1).values
-    if host_counts is None:
-        host_counts = counts_B.cpu().tolist()  # the stage's one host sync: sizes the packed stream
-    packed = Packed.from_lengths([k + 1 for k in host_counts], device=kept_idx.device)
+    if static:
+        packed = Packed.with_budget(counts_B + 1, k_min + 1, k_max + 1)
+    else:
+        packed = Packed.from_lengths((counts_B.cpu() + 1).tolist(), device=kept_idx.device)  # host sync
     keep_ratio = counts_B.float() / num_patches
     B = counts_B.numel()
     stats = dict(stats, keep_ratio_mean=keep_ratio.mean(), keep_ratio_min=keep_ratio.min(),
@@ -173,18 +187,24 @@ def _finish(priority_BL: torch.Tensor, counts_B: torch.Tensor, k_max: int, num_p
 def random_selection(batch: int, num_patches: int, cfg: PGSConfig, generator: RandomSource,
                      device: torch.device | str) -> Selection:
     """FLIP-style random masking at PGS's cap: every image keeps k_max patches drawn uniformly.
-    All counts are known on the host, so this needs no sync at all."""
+    All sequences have k_max + 1 rows: a plain uniform layout, with no sync and no padding."""
     _, k_max = keep_bounds(num_patches, cfg.min_mask_ratio, cfg.min_keep_ratio)
     priority = uniform(generator, batch, num_patches, 1, device)
+    order = torch.topk(priority, k_max, dim=1).indices
+    kept_idx = order.sort(dim=1).values
     counts = torch.full((batch,), k_max, dtype=torch.int64, device=device)
-    return _finish(priority, counts, k_max, num_patches, {}, host_counts=[k_max] * batch)
+    keep_ratio = torch.full((), k_max / num_patches, device=device)
+    stats = dict(keep_ratio_mean=keep_ratio, keep_ratio_min=keep_ratio, keep_ratio_max=keep_ratio,
+                 tokens_saved=torch.full((), 1 - (k_max + 1) / (num_patches + 1), device=device))
+    return Selection(kept_idx, counts, Packed.uniform(batch, k_max + 1, device), num_patches, stats)
 
 
 @torch.no_grad()
 def select_patches(images_BCHW: torch.Tensor, tokens_BLD: torch.Tensor, patch_size: int, cfg: PGSConfig,
-                   progress: float, generator: RandomSource) -> Selection:
+                   progress: float, generator: RandomSource, static: bool = False) -> Selection:
     """PGS steps 1-5 for a batch: images (B,3,H,W) as the tower sees them, patch tokens
-    (B,L,D) with positional embeddings (CLS excluded), training progress in [0, 1]."""
+    (B,L,D) with positional embeddings (CLS excluded), training progress in [0, 1]. `static`
+    packs into the static token budget (no host sync); otherwise the counts are read back."""
     B, _, H, W = images_BCHW.shape
     if H % patch_size or W % patch_size:
         raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {patch_size}")
@@ -208,9 +228,9 @@ def select_patches(images_BCHW: torch.Tensor, tokens_BLD: torch.Tensor, patch_si
         # the first k_i are a uniform draw from the eligible (topped up from M_i if short).
         priority = uniform(generator, B, L, 1, device) + 2.0 * eligible
         stats = {
-            "candidates_mean": torch.tensor(float(candidates.shape[1]), device=device),
+            "candidates_mean": torch.full((), float(candidates.shape[1]), device=device),
             "sim_masked_mean": (masked.sum(dim=1) - candidates.shape[1]).float().mean(),
             "topped_up_mean": (counts - num_eligible).clamp(min=0).float().mean(),
-            "embed_weight": torch.tensor(weight, device=device),
+            "embed_weight": torch.full((), weight, device=device),
         }
-        return _finish(priority, counts, k_max, L, stats)
+        return _finish(priority, counts, (k_min, k_max), L, stats, static)

@@ -1,9 +1,10 @@
 """The model wrapped for training: AdamW param groups -> DeepSpeed engine (ZeRO, precision, clipping).
 
 The order is fixed and documented here, once: seed -> build the CLIP (attention back-end,
-activation checkpointing, compile) -> the `train.init_from` weights, unless a checkpoint will be
-resumed -> AdamW with weight decay only on matrices -> the DeepSpeed JSON completed with the batch
-sizes megapgs derives -> `deepspeed.initialize`. The learning rate is set on the optimizer each
+activation checkpointing) -> the `train.init_from` weights, unless a checkpoint will be resumed ->
+AdamW with weight decay only on matrices -> (ZeRO-3) transformer blocks as leaf modules -> the
+DeepSpeed JSON completed with the batch sizes megapgs derives -> `deepspeed.initialize` -> compile
+each block's forward (inside ZeRO-3's hooks, which stay eager). The learning rate is set on the optimizer each
 step from `schedule.lr_at`, so there is no scheduler state.
 
 `train.init_from` (an initial checkpoint from tools/convert_from_openclip.py, or a megapgs run or
@@ -16,16 +17,15 @@ weights. When `train.resume` finds a checkpoint, init_from is not read at all (m
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from typing import Any
 
 import torch
 
 from megapgs.config import Config
 from megapgs.convert.init_weights import ConversionError, load_init_weights
-from megapgs.dist import DistInfo
-from megapgs.models.clip import CLIP, build_model
+from megapgs.dist import DistInfo, join_process_group
+from megapgs.models.blocks import Block
+from megapgs.models.clip import CLIP, build_model, compile_blocks
 from megapgs.train.plan import RunPlan
 from megapgs.train.safe_load import UnsafeCheckpointError
 
@@ -49,37 +49,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def deepspeed_config(cfg: Config, plan: RunPlan) -> dict[str, Any]:
-    """The config's DeepSpeed section plus what megapgs owns (batch sizes); DeepSpeed's own
-    step printing is off: megapgs logs."""
-    return {
+    """The config's DeepSpeed section plus what megapgs owns: the batch sizes; DeepSpeed's step
+    printing and throughput timer off (megapgs logs, and the timer synchronises the device at
+    every forward and step); bf16 gradients accumulated in fp32 unless the config says otherwise."""
+    ds = {
         **cfg.deepspeed,
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_steps,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False}, **cfg.deepspeed.get("timers", {})},
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def ensure_process_group(dist: DistInfo) -> None:
-    """DeepSpeed needs a process group even for one process: a plain `python pretrain.py` gets a
-    one-rank gloo group on a free local port."""
-    if torch.distributed.is_initialized():
-        return
-    if dist.world_size > 1:
-        raise RuntimeError("multi-rank runs join the process group in megapgs.dist.init_distributed")
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(name, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if dist.device.type == "cuda" else "gloo", verbose=False)
+    if cfg.precision == "bf16":
+        ds["data_types"] = {"grad_accum_dtype": "fp32", **cfg.deepspeed.get("data_types", {})}
+    return ds
 
 
 class InitWeightsError(ValueError):
@@ -122,7 +106,7 @@ def build_engine(cfg: Config, plan: RunPlan, dist: DistInfo, init_from: str | No
     `init_from` (megapgs/train/start.py decides it) replaces them before ZeRO partitions the model."""
     import deepspeed
 
-    ensure_process_group(dist)
+    join_process_group(dist)  # a one-rank group for a plain `python pretrain.py`
     torch.manual_seed(cfg.train.seed)
     dtype = DTYPES[cfg.precision]
     model: CLIP = build_model(cfg.model, dist.device, dtype, training=True, siglip=cfg.train.loss == "siglip")
@@ -130,9 +114,15 @@ def build_engine(cfg: Config, plan: RunPlan, dist: DistInfo, init_from: str | No
         load_init_from(model, cfg, init_from)
     groups = param_groups(model, cfg.optim.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  fused=dist.device.type == "cuda")
+                                  fused=True)  # one kernel per group; step counts stay on the device
+    if cfg.zero_stage == 3:  # ZeRO-3 gathers a block's parameters at once, with one hook outside the block
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, [Block])
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, plan),
                                       dist_init_required=False)
+    if cfg.model.compile:
+        compile_blocks(model)
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
     log.info("engine: DeepSpeed ZeRO-%d, %s, %s parameters, %d rank(s)", cfg.zero_stage, cfg.precision,
              f"{params:,}", dist.world_size)

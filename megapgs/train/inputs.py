@@ -5,8 +5,8 @@
                                     or webdataset + PIL (wds, or auto otherwise)
     synthetic                   ->  random tensors made on the device (model throughput alone)
 
-Synthetic batches are drawn per *global* batch from the run's seed and each rank takes its rows,
-so runs with different numbers of ranks see the same samples (the rank-invariance check).
+Synthetic samples are keyed by their index in the global stream, so runs with different numbers
+of ranks or accumulation steps see the same samples in each step (the invariance checks).
 """
 from __future__ import annotations
 
@@ -20,28 +20,6 @@ from megapgs.dist import DistInfo
 from megapgs.train.plan import RunPlan
 
 log = logging.getLogger(__name__)
-
-
-class RankRows:
-    """This rank's rows of a loader that yields whole global micro-batches (world x B rows)."""
-
-    def __init__(self, loader, rank: int, rows: int):
-        self.loader, self.rank, self.rows = loader, rank, rows
-        self.samples_per_epoch = loader.samples_per_epoch
-        self.skips = loader.skips
-
-    def __iter__(self) -> Iterator:
-        begin, end = self.rank * self.rows, (self.rank + 1) * self.rows
-        for batch in self.loader:
-            yield type(batch)(images=batch.images[begin:end], tokens=batch.tokens[begin:end],
-                              text_lengths=batch.text_lengths[begin:end], keys=batch.keys[begin:end],
-                              epochs=batch.epochs[begin:end])
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
 
 
 class EndlessFullBatches:
@@ -97,10 +75,11 @@ def build_loader(cfg: Config, data: DataPlan, plan: RunPlan, dist: DistInfo, tok
     if backend == "synthetic":
         from megapgs.data.synthetic import build_synthetic_loader
 
-        whole = build_synthetic_loader(batch_size=plan.micro_batch_size * dist.world_size, image_size=image_size,
-                                       context_length=plan.arch.text.context_length, device=dist.device,
-                                       seed=cfg.train.seed)
-        return RankRows(whole, dist.rank, plan.micro_batch_size)
+        # 4 global batches of distinct samples, however the batch is split (invariance checks)
+        return build_synthetic_loader(batch_size=plan.micro_batch_size, image_size=image_size,
+                                      context_length=plan.arch.text.context_length, device=dist.device,
+                                      seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size,
+                                      distinct_samples=4 * plan.global_batch_size)
     if backend == "dali":
         from megapgs.data.dali import build_dali_loader
 

@@ -1,10 +1,11 @@
 """The training loop, top to bottom:
 
-    batch -> PGS select + pack (inside the image tower) -> forward -> loss -> backward -> step
-          -> metrics every N steps -> checkpoint -> evaluation
+    micro-batches -> PGS select + pack (inside the image tower) -> forward -> loss -> backward
+          -> engine.step (train/step.py) -> metrics every N steps -> checkpoint -> evaluation
 
-No host sync inside a step beyond PGS's one (sizing the packed stream): losses and keep ratios
-stay on the device and are reduced and fetched every `log.every_steps` steps.
+No host sync inside a step (with `pgs.packed_length: static`, the default on CUDA): losses, keep
+ratios and token counts stay on the device (train/window.py) and are reduced and fetched every
+`log.every_steps` steps, with the loader's skip counts, in one collective.
 """
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from megapgs.config import Config
 from megapgs.data.prepare import DataPlan
 from megapgs.atomic import write_json_atomic
 from megapgs.dist import DistInfo
-from megapgs.perf.flops import clip_forward_flops, mfu, peak_flops
+from megapgs.perf.flops import peak_flops
 from megapgs.perf.timers import StageTimer
 from megapgs.pgs.keyed_random import SampleKeyedDraws
 from megapgs.pgs.pack import PatchMasker
@@ -33,6 +33,8 @@ from megapgs.train.metrics import MetricsWriter
 from megapgs.train.plan import RunPlan
 from megapgs.train.progress import TrainProgress
 from megapgs.train.schedule import lr_at, masking_at, progress_at
+from megapgs.train.step import MicroBatch, TrainStep
+from megapgs.train.window import Window
 from megapgs.train.start import StartPoint
 
 log = logging.getLogger(__name__)
@@ -64,12 +66,15 @@ def describe_eval(metrics: dict[str, float]) -> str:
 
 
 class TimedMasker:
-    """PatchMasker that records the PGS stage's time and its selection for the step's metrics."""
+    """PatchMasker that records the PGS stage's time (its first call: the selection; a feature
+    cache's second pass only packs again, inside the forward) and exposes its selection."""
 
     def __init__(self, masker: PatchMasker, timer: StageTimer):
         self.masker, self.timer = masker, timer
 
     def __call__(self, images, cls, tokens):
+        if self.masker.selection is not None:
+            return self.masker(images, cls, tokens)
         self.timer.start("pgs")
         out = self.masker(images, cls, tokens)
         self.timer.stop("pgs")
@@ -78,40 +83,6 @@ class TimedMasker:
     @property
     def selection(self):
         return self.masker.selection
-
-
-class Window:
-    """Metrics of the steps since the last log point, kept on the device until fetched."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss = torch.zeros((), device=self.device)
-        self.keep = torch.zeros((), device=self.device)
-        self.mask_checksum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.micro_batches = 0
-        self.steps = 0
-        self.samples = 0
-        self.image_tokens = 0
-        self.flops = 0.0
-        self.started = time.perf_counter()
-
-    def fetch(self, world_size: int) -> dict[str, float]:
-        """Reduce over ranks and read on the host: the step's only other sync, every N steps."""
-        values = torch.stack([self.loss.double(), self.keep.double()]) / max(self.micro_batches, 1)
-        values = torch.cat([values / world_size, self.mask_checksum[None]])
-        if world_size > 1:
-            torch.distributed.all_reduce(values)
-        loss, keep, checksum = values.tolist()
-        return {"loss": loss, "keep_ratio": keep, "mask_checksum": checksum}
-
-    def add_selection(self, selection) -> None:
-        """Which patches were kept, as one number: equal masks give equal sums (resume checks)."""
-        kept = selection.kept_idx.to(torch.float64)
-        weights = torch.arange(1, kept.numel() + 1, dtype=torch.float64, device=kept.device).view_as(kept)
-        self.mask_checksum += (kept * weights).sum()
 
 
 def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: StartPoint) -> RunSummary:
@@ -131,8 +102,7 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: Sta
     compute_dtype = next(engine.module.parameters()).dtype
     tokenizer = Tokenizer(cfg.model.arch)
     loader = build_loader(cfg, data, plan, dist, tokenizer)
-    loss_fn = ContrastiveLoss(cfg.train.loss, cfg.train.local_loss, cfg.train.gather_with_grad,
-                              dist.rank, dist.world_size)
+    loss_fn = ContrastiveLoss(cfg.train.loss, cfg.train.local_loss, cfg.train.gather_with_grad, dist)
     state = TrainState(step=0, samples_seen=0, loader=None)
     if start.resume_from is not None:
         state = load_checkpoint(engine, start.resume_from, dist)
@@ -157,72 +127,58 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: Sta
     writer = MetricsWriter(run_dir, cfg.log, dist.is_main)
     timer = StageTimer(device)
     peak = peak_flops(device)
+    train_step = TrainStep(engine, loss_fn, plan.feature_caching, timer)
     summary = RunSummary(final_step=state.step, samples_seen=state.samples_seen)
     samples_seen = state.samples_seen
-    window = Window(device)
+    window = Window(device, arch)
     bar = TrainProgress(plan.total_steps, state.step, enabled=dist.is_main and cfg.log.progress)
     started = time.perf_counter()
     paused_seconds = 0.0
     batches = iter(loader)
     eval_metrics: dict[str, float] = {}
+
+    def micro_batches(step: int, progress: float, taken: list[MicroBatch]):
+        """The step's micro-batches, each loaded when it is asked for, with its PGS masker."""
+        masked = masking_at(step, plan.total_steps, cfg.pgs)
+        for micro in range(plan.grad_accum_steps):
+            timer.start("data")
+            batch = next(batches)
+            images = batch.images.to(device, compute_dtype, non_blocking=True)
+            tokens = batch.tokens.to(device, non_blocking=True)
+            timer.stop("data")
+            keep = None
+            if masked:
+                # masks drawn per (step, rank), or keyed by the sample's place in the step's global batch
+                generator = (pgs_generator(cfg.train.seed, step * plan.grad_accum_steps + micro, dist.rank, device)
+                             if cfg.pgs.rng == "rank" else
+                             SampleKeyedDraws(cfg.train.seed, step, (micro * dist.world_size + dist.rank)
+                                              * plan.micro_batch_size))
+                keep = TimedMasker(PatchMasker(cfg.pgs, arch.vision.patch_size, progress, generator,
+                                               static=plan.static_packing), timer)
+            taken.append(MicroBatch(images, tokens, batch.text_lengths, keep))
+            yield taken[-1]
+
     with bar:
         for step in range(state.step, plan.total_steps):
             lr = lr_at(step, cfg.optim, plan.total_steps)
             set_lr(engine, lr)
-            progress = progress_at(step, plan.total_steps)
-            for micro in range(plan.grad_accum_steps):
-                timer.start("data")
-                batch = next(batches)
-                images = batch.images.to(device, compute_dtype, non_blocking=True)
-                tokens = batch.tokens.to(device, non_blocking=True)
-                timer.stop("data")
-                keep = None
-                if masking_at(step, plan.total_steps, cfg.pgs):
-                    draw_step = step * plan.grad_accum_steps + micro
-                    generator = (pgs_generator(cfg.train.seed, draw_step, dist.rank, device) if cfg.pgs.rng == "rank"
-                                 else SampleKeyedDraws(cfg.train.seed, draw_step, dist.rank * plan.micro_batch_size))
-                    keep = TimedMasker(PatchMasker(cfg.pgs, arch.vision.patch_size, progress, generator), timer)
-                timer.start("forward_backward")
-                out = engine(images, tokens, batch.text_lengths, keep)
-                result = loss_fn(out.image, out.text, out.logit_scale, out.logit_bias)
-                engine.backward(result.objective)
-                timer.stop("forward_backward")
-                timer.start("optimizer")
-                engine.step()
-                timer.stop("optimizer")
-                window.loss += result.loss
-                window.micro_batches += 1
-                if keep is not None:
-                    window.keep += keep.selection.stats["keep_ratio_mean"]
-                    window.add_selection(keep.selection)
-                    image_lengths = keep.selection.packed.host_lengths
-                else:
-                    window.keep += 1.0
-                    image_lengths = [arch.vision.num_patches + 1] * images.shape[0]
-                window.image_tokens += int(sum(image_lengths))
-                window.flops += 3 * clip_forward_flops(arch, image_lengths, batch.text_lengths)["total"]
-            window.steps += 1
-            window.samples += plan.global_batch_size
+            taken: list[MicroBatch] = []
+            out = train_step(micro_batches(step, progress_at(step, plan.total_steps), taken))
+            for mb in taken:  # after the step: each masker holds the selection its forward drew
+                window.add_micro_batch(mb.keep.selection if mb.keep is not None else None, mb.images.shape[0],
+                                       mb.text_lengths)
+            window.add_step(out.loss, out.logit_scale, plan.global_batch_size)
             samples_seen += plan.global_batch_size
             done = step + 1
             bar.advance(done, samples_seen)
 
             if done % cfg.log.every_steps == 0 or done == plan.total_steps:
-                metrics = window.fetch(dist.world_size)
-                seconds = time.perf_counter() - window.started
-                stages = timer.collect()
-                metrics.update(
-                    lr=lr, logit_scale=float(out.logit_scale.detach()), samples_per_s=window.samples / seconds,
-                    image_tokens_per_s=window.image_tokens * dist.world_size / seconds,
-                    step_ms=1e3 * seconds / window.steps, samples_seen=samples_seen,
-                    **{f"{name}_ms": ms / window.steps for name, ms in stages.items()})
-                if "forward_backward_ms" in metrics and "pgs_ms" in metrics:
-                    metrics["forward_backward_ms"] -= metrics["pgs_ms"]  # PGS runs inside the forward
-                utilisation = mfu(window.flops / window.steps * dist.world_size, seconds / window.steps, peak,
-                                  dist.world_size)
-                if utilisation is not None:
-                    metrics["mfu"] = utilisation
-                metrics.update({f"skipped_{reason}": count for reason, count in loader.skips.all_reduced().nonzero().items()})
+                metrics = window.fetch(dist, loader.skips, peak)  # the loop's one sync, every N steps
+                stages = {f"{name}_ms": ms / window.steps for name, ms in timer.collect().items()}
+                if "pgs_ms" in stages:  # PGS runs inside the first forward of each micro-batch
+                    first_pass = "feature_cache_ms" if "feature_cache_ms" in stages else "forward_backward_ms"
+                    stages[first_pass] -= stages["pgs_ms"]
+                metrics.update(lr=lr, samples_seen=samples_seen, **stages)
                 writer.write(done, metrics)
                 bar.show(metrics)
                 summary.losses.append((done, metrics["loss"]))
@@ -247,6 +203,6 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: Sta
     summary.seconds = time.perf_counter() - started
     summary.samples_seen = samples_seen
     summary.eval = eval_metrics
-    summary.skips = loader.skips.all_reduced().nonzero()
+    summary.skips = loader.skips.all_reduced(dist).nonzero()
     writer.close()
     return summary

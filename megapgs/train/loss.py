@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as tdist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
+
+from megapgs.dist import DistInfo, all_gather_rows, mean_over_ranks
 
 
 @dataclass(frozen=True)
@@ -30,39 +30,19 @@ class LossResult:
     objective: torch.Tensor       # 0-d: call backward on this; rank-averaged grads = the global ones
 
 
-def _gather(features_BE: torch.Tensor, world_size: int, with_grad: bool) -> torch.Tensor:
-    """(W*B, E): every rank's features in rank order; this rank's slice keeps its gradient."""
-    if world_size == 1:
-        return features_BE
-    if with_grad:
-        return torch.cat(dist_nn.all_gather(features_BE), dim=0)
-    parts = [torch.empty_like(features_BE) for _ in range(world_size)]
-    tdist.all_gather(parts, features_BE.detach().contiguous())
-    parts[tdist.get_rank()] = features_BE  # this rank's slice, with its gradient
-    return torch.cat(parts, dim=0)
-
-
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """At least float32 for the logits (bf16 features from the towers); float64 stays float64."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _mean_over_ranks(value: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size == 1:
-        return value
-    total = value.detach().clone()
-    tdist.all_reduce(total)
-    return value + (total / world_size - value).detach()  # the global mean, gradient of the local term
-
-
 class ContrastiveLoss:
-    def __init__(self, kind: str, local_loss: bool, gather_with_grad: bool, rank: int, world_size: int):
+    def __init__(self, kind: str, local_loss: bool, gather_with_grad: bool, dist: DistInfo):
         if kind not in ("clip", "siglip"):
             raise ValueError(f"unknown loss {kind!r}; allowed: clip, siglip")
-        if local_loss and not gather_with_grad and world_size > 1:
+        if local_loss and not gather_with_grad and dist.world_size > 1:
             raise ValueError("local_loss needs gather_with_grad: otherwise the gradient misses other ranks' rows")
         self.kind, self.local_loss, self.gather_with_grad = kind, local_loss, gather_with_grad
-        self.rank, self.world_size = rank, world_size
+        self.dist, self.rank, self.world_size = dist, dist.rank, dist.world_size
 
     def __call__(self, image_BE: torch.Tensor, text_BE: torch.Tensor, logit_scale: torch.Tensor,
                  logit_bias: torch.Tensor | None = None) -> LossResult:
@@ -70,8 +50,8 @@ class ContrastiveLoss:
         W, B = self.world_size, image_BE.shape[0]
         # SigLIP always takes rows against all columns, so it needs the gradient through the gather.
         with_grad = self.gather_with_grad or self.kind == "siglip"
-        all_image = _gather(image_BE, W, with_grad)
-        all_text = _gather(text_BE, W, with_grad)
+        all_image = all_gather_rows(image_BE, self.dist, with_grad)
+        all_text = all_gather_rows(text_BE, self.dist, with_grad)
         if self.kind == "siglip":
             if logit_bias is None:
                 raise ValueError("the SigLIP loss needs the model's logit_bias")
@@ -79,14 +59,14 @@ class ContrastiveLoss:
             signs = -torch.ones_like(logits)
             signs[:, self.rank * B:(self.rank + 1) * B].fill_diagonal_(1.0)
             rows_loss = -F.logsigmoid(signs * logits).sum() / B
-            global_loss = _mean_over_ranks(rows_loss, W)
+            global_loss = mean_over_ranks(rows_loss, self.dist)
             return LossResult(global_loss.detach(), global_loss)
         if self.local_loss or W == 1:
             labels = torch.arange(B, device=image_BE.device) + self.rank * B
             per_image = logit_scale * _wide(image_BE) @ _wide(all_text).t()                 # (B, W*B)
             per_text = logit_scale * _wide(text_BE) @ _wide(all_image).t()
             rows_loss = (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
-            global_loss = _mean_over_ranks(rows_loss, W)
+            global_loss = mean_over_ranks(rows_loss, self.dist)
             return LossResult(global_loss.detach(), global_loss)
         if not self.gather_with_grad:  # value unchanged, gradient / W: undone by the x W below
             logit_scale = logit_scale / W + (logit_scale - logit_scale / W).detach()

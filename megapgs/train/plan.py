@@ -7,6 +7,7 @@ the key to change.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -14,7 +15,10 @@ from megapgs.config import Config, ConfigError
 from megapgs.data.prepare import DataPlan
 from megapgs.dist import DistInfo
 from megapgs.models.archs import ArchSpec, get_arch
+from megapgs.models.attention import refused_backend_reason
 from megapgs.pgs.keep import keep_bounds
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,9 @@ class RunPlan:
     samples_per_epoch: int | None
     image_tokens: int          # patches L of an unmasked image (CLS not counted)
     kept_tokens: tuple[int, int]  # (k_min, k_max) patches kept per training image
+    feature_caching: bool      # the loss over the global batch through accumulation (train/step.py)
+    contrastive_batch_size: int   # pairs the contrastive loss sees at once
+    static_packing: bool       # PGS packs into a static token budget (no host sync)
 
     @property
     def epochs(self) -> float | None:
@@ -60,7 +67,18 @@ def plan_run(cfg: Config, dist: DistInfo, data: DataPlan) -> RunPlan:
         kept = (k_max, k_max)
     else:
         kept = keep_bounds(num_patches, cfg.pgs.min_mask_ratio, cfg.pgs.min_keep_ratio)
+    accum = train.global_batch_size // per_step_rank
+    feature_caching = train.contrastive_batch == "global" and accum > 1
+    contrastive = train.global_batch_size if train.contrastive_batch == "global" else per_step_rank
+    if train.contrastive_batch == "micro_batch" and accum > 1:
+        log.warning("train.contrastive_batch = micro_batch: the loss sees %d pairs at a time (%d per rank x %d ranks), "
+                    "not the global batch of %d; the default 'global' caches features to see them all",
+                    per_step_rank, train.micro_batch_size, dist.world_size, train.global_batch_size)
+    reason = refused_backend_reason(cfg.model.attention, dist.device, training=True)
+    if reason:
+        raise ConfigError(f"model.attention: {reason}")
+    static = cfg.pgs.packed_length == "static" or (cfg.pgs.packed_length == "auto" and dist.device.type == "cuda")
     return RunPlan(arch=arch, world_size=dist.world_size, micro_batch_size=train.micro_batch_size,
-                   grad_accum_steps=train.global_batch_size // per_step_rank,
-                   global_batch_size=train.global_batch_size, total_steps=total_steps,
-                   samples_per_epoch=samples, image_tokens=num_patches, kept_tokens=kept)
+                   grad_accum_steps=accum, global_batch_size=train.global_batch_size, total_steps=total_steps,
+                   samples_per_epoch=samples, image_tokens=num_patches, kept_tokens=kept,
+                   feature_caching=feature_caching, contrastive_batch_size=contrastive, static_packing=static)

@@ -225,6 +225,7 @@ def test_resampled_ranks_read_in_different_orders(tmp_path, tokenizer):
 
 # ----------------------------------------------------------------------------- GPU
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="DALI's mixed (GPU) decoding needs CUDA")
 def test_mixed_mode_matches_cpu_mode(tmp_path, tokenizer):
     shards = _photo_shards(tmp_path / "photos")
@@ -284,6 +285,7 @@ def test_nvjpeg_decode_batch_isolates_a_bad_image():
     assert images[0].shape == (3, 10, 20) and images[2].shape == (3, 9, 7) and images[1] is None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG decoding needs CUDA")
 def test_nvjpeg_gpu_matches_its_cpu_twin(tmp_path, tokenizer):
     shards = _photo_shards(tmp_path / "photos")

@@ -6,9 +6,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from megapgs.data.synthetic import build_synthetic_loader
 from megapgs.data.transforms import crop_params, derive_seed, eval_transform, train_transform
-from megapgs.models.text import eot_lengths
 
 
 def _image(width=64, height=48) -> Image.Image:
@@ -44,17 +42,3 @@ def test_train_transform_is_seeded_per_sample():
     other = train_transform(image, 32, (0.5, 1.0), random.Random(derive_seed(0, "crop", 8)))
     assert first.shape == (3, 32, 32) and torch.equal(first, again) and not torch.equal(first, other)
     assert derive_seed(0, "crop", 7) == 4657982541655453768  # the same in every process and run (no salted hash())
-
-
-def test_synthetic_batches():
-    loader = build_synthetic_loader(batch_size=5, image_size=32, context_length=16, device="cpu", seed=0)
-    state = torch.random.get_rng_state()
-    batches = [b for _, b in zip(range(6), loader)]
-    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is left alone
-    batch = batches[0]
-    assert batch.images.shape == (5, 3, 32, 32) and batch.tokens.shape == (5, 16)
-    assert batch.tokens.dtype == torch.int64 and batch.images.dtype == torch.float32
-    assert batch.text_lengths == eot_lengths(batch.tokens).tolist() and min(batch.text_lengths) >= 4
-    assert (batch.tokens[:, 0] == 49406).all()
-    assert batches[4] is batches[0] and not torch.equal(batches[1].images, batches[0].images)
-    assert loader.state_dict()["batches"] == 6 and loader.skips.total == 0

@@ -63,23 +63,41 @@ def test_two_ranks_give_the_one_rank_loss_curve(tmp_path, one_rank_curve, stage)
         assert curve[step] == pytest.approx(one_rank_curve[step], rel=1e-4), step
 
 
+PGS = [*SYNTHETIC[:2], "--set", "pgs.masking=pgs", "--set", "pgs.rng=sample", "--set", "pgs.unmasked_tail=0",
+       *SYNTHETIC[4:], "--set", 'deepspeed={"zero_optimization": {"stage": 3}}']
+
+
+@pytest.fixture(scope="module")
+def one_rank_pgs_records(tmp_path_factory) -> dict[int, dict]:
+    run_dir = tmp_path_factory.mktemp("one_rank_pgs")
+    run(train_cmd(run_dir, *PGS, "--set", "train.micro_batch_size=32"))
+    return train_records(run_dir)
+
+
+def assert_same_pgs_curve(records: dict[int, dict], expected: dict[int, dict]) -> None:
+    assert sorted(records) == sorted(expected) == list(range(1, 21))
+    for step, record in expected.items():
+        assert record["keep_ratio"] < 0.75  # masked
+        assert records[step]["keep_ratio"] == pytest.approx(record["keep_ratio"], rel=1e-6)
+        assert records[step]["loss"] == pytest.approx(record["loss"], rel=1e-4), step
+
+
 @pytest.mark.multiprocess
-def test_two_ranks_give_the_one_rank_loss_curve_with_pgs(tmp_path):
+def test_two_ranks_give_the_one_rank_loss_curve_with_pgs(tmp_path, one_rank_pgs_records):
     """PGS on, masks keyed by global sample (pgs.rng: sample): 1 x 32 and 2 x 16 under ZeRO-3
     draw the same masks, so the loss curves agree too."""
-    pgs = [*SYNTHETIC[:2], "--set", "pgs.masking=pgs", "--set", "pgs.rng=sample", "--set", "pgs.unmasked_tail=0",
-           *SYNTHETIC[4:],
-           "--set", 'deepspeed={"zero_optimization": {"stage": 3}}']
-    curves = {}
-    for ranks, micro in ((1, 32), (2, 16)):
-        run_dir = tmp_path / f"ranks{ranks}"
-        run(train_cmd(run_dir, *pgs, "--set", f"train.micro_batch_size={micro}", ranks=ranks, port=29571))
-        curves[ranks] = train_records(run_dir)
-    assert sorted(curves[1]) == sorted(curves[2]) == list(range(1, 21))
-    for step, record in curves[1].items():
-        assert record["keep_ratio"] < 0.75  # masked
-        assert curves[2][step]["keep_ratio"] == pytest.approx(record["keep_ratio"], rel=1e-6)
-        assert curves[2][step]["loss"] == pytest.approx(record["loss"], rel=1e-4), step
+    run(train_cmd(tmp_path, *PGS, "--set", "train.micro_batch_size=16", ranks=2, port=29571))
+    assert_same_pgs_curve(train_records(tmp_path), one_rank_pgs_records)
+
+
+def test_accumulation_gives_the_whole_batch_loss_curve(tmp_path, one_rank_pgs_records):
+    """1 rank x 4 micro-batches of 8 (feature cache, static token budget) and 1 x 32: the same
+    20-step loss curve, masks and all; the contrastive loss sees all 32 pairs in both."""
+    result = run(train_cmd(tmp_path, *PGS, "--set", "train.micro_batch_size=8", "--set", "pgs.packed_length=static"))
+    assert "32 pairs per loss (the global batch; features cached" in result.stdout + result.stderr
+    records = train_records(tmp_path)
+    assert_same_pgs_curve(records, one_rank_pgs_records)
+    assert records[20]["feature_cache_ms"] > 0
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

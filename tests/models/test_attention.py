@@ -7,7 +7,7 @@ import torch
 
 from megapgs.models.attention import BACKENDS, attention, resolve_backend, unavailable_reason
 from megapgs.models.blocks import Block
-from megapgs.models.packed import Packed
+from megapgs.packed import Packed
 
 CPU = torch.device("cpu")
 LAYOUTS = {
@@ -106,6 +106,7 @@ def test_unknown_backend_is_an_error():
         resolve_backend("flash3", CPU, torch.float32)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["torch_varlen", "flash_attn", "xformers", "flex", "sdpa_padded"])
 @pytest.mark.parametrize("causal", [False, True])
@@ -128,3 +129,8 @@ def test_gpu_backends_bf16(backend, causal):
     (ref, ref_dx, ref_dp), (out, dx, dp) = results["reference"], results[backend]
     assert rel_err(out, ref) <= 2e-2 and rel_err(dx, ref_dx) <= 2e-2
     assert all(rel_err(a, b) <= 2e-2 for a, b in zip(dp, ref_dp))
+
+
+def test_flex_is_refused_not_replaced_for_cuda_training():
+    with pytest.raises(ValueError, match="refused for CUDA training"):
+        resolve_backend("flex", torch.device("cuda"), torch.bfloat16, training=True)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from megapgs.models.blocks import Block
-from megapgs.models.packed import Packed
+from megapgs.packed import Packed
 
 
 @pytest.mark.parametrize("causal", [False, True])

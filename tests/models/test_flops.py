@@ -4,7 +4,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megapgs.models.archs import get_arch
 from megapgs.models.clip import CLIP
-from megapgs.models.packed import Packed
+from megapgs.packed import Packed
 from megapgs.perf.flops import clip_forward_flops, mfu, transformer_flops
 
 

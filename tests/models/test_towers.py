@@ -7,7 +7,7 @@ from megapgs.config import ModelConfig
 from megapgs.convert.openclip import to_openclip
 from megapgs.models.archs import TextSpec, get_arch
 from megapgs.models.clip import CLIP, build_model
-from megapgs.models.packed import Packed
+from megapgs.packed import Packed
 from megapgs.models.text import TextTower, eot_lengths
 
 SOT, EOT = 49406, 49407

@@ -8,7 +8,7 @@ from scipy.stats import chisquare
 from megapgs.config import PGSConfig
 from megapgs.data.photos import PHOTOS, photo_batch
 from megapgs.models.archs import get_arch
-from megapgs.models.packed import Packed
+from megapgs.packed import Packed
 from megapgs.models.vit import VisionTower
 from megapgs.pgs.keep import keep_bounds
 from megapgs.pgs.keyed_random import SampleKeyedDraws

@@ -9,9 +9,11 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from megapgs.dist import DistInfo
 from megapgs.train.loss import ContrastiveLoss
 
 B, E, WORLD = 4, 8, 2
+ONE = DistInfo(0, 1, 0, torch.device("cpu"))
 
 
 def features(seed: int = 0):
@@ -26,7 +28,7 @@ def one_process(kind: str):
     image, text = (t.clone().requires_grad_(True) for t in features())
     scale = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True) if kind == "siglip" else None
-    result = ContrastiveLoss(kind, False, False, 0, 1)(image, text, scale.exp(), bias)
+    result = ContrastiveLoss(kind, False, False, ONE)(image, text, scale.exp(), bias)
     result.objective.backward()
     grads = [image.grad, text.grad, scale.grad] + ([bias.grad] if bias is not None else [])
     return float(result.loss), grads
@@ -41,7 +43,7 @@ def _worker(rank: int, port: int, kind: str, local_loss: bool, gather_with_grad:
         text = text[rank * B:(rank + 1) * B].clone().requires_grad_(True)
         scale = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
         bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True) if kind == "siglip" else None
-        result = ContrastiveLoss(kind, local_loss, gather_with_grad, rank, WORLD)(image, text, scale.exp(), bias)
+        result = ContrastiveLoss(kind, local_loss, gather_with_grad, DistInfo(rank, WORLD, rank, torch.device("cpu")))(image, text, scale.exp(), bias)
         result.objective.backward()
         # what DeepSpeed does with parameter gradients: average them over ranks
         shared = [scale.grad.clone()] + ([bias.grad.clone()] if bias is not None else [])
@@ -92,13 +94,13 @@ def test_one_rank_losses():
     logits = scale * image @ text.t()
     labels = torch.arange(WORLD * B)
     expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-    assert float(ContrastiveLoss("clip", False, False, 0, 1)(image, text, scale).loss) == pytest.approx(float(expected))
+    assert float(ContrastiveLoss("clip", False, False, ONE)(image, text, scale).loss) == pytest.approx(float(expected))
     bias = torch.tensor(-10.0, dtype=torch.float64)
     signs = 2 * torch.eye(WORLD * B, dtype=torch.float64) - 1
     expected_sig = -F.logsigmoid(signs * (logits + bias)).sum() / (WORLD * B)
-    assert float(ContrastiveLoss("siglip", False, False, 0, 1)(image, text, scale, bias).loss) == \
+    assert float(ContrastiveLoss("siglip", False, False, ONE)(image, text, scale, bias).loss) == \
         pytest.approx(float(expected_sig))
     with pytest.raises(ValueError, match="logit_bias"):
-        ContrastiveLoss("siglip", False, False, 0, 1)(image, text, scale)
+        ContrastiveLoss("siglip", False, False, ONE)(image, text, scale)
     with pytest.raises(ValueError, match="gather_with_grad"):
-        ContrastiveLoss("clip", True, False, 0, 2)
+        ContrastiveLoss("clip", True, False, DistInfo(0, 2, 0, torch.device("cpu")))

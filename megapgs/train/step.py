@@ -1,0 +1,104 @@
+"""One optimizer step: A micro-batches per rank -> (PGS, forward, loss, backward) -> engine.step.
+
+How the contrastive loss meets gradient accumulation (`train.contrastive_batch`):
+
+- `global` (default): the loss sees the whole global batch, W x A x B pairs, whatever the
+  accumulation: feature caching, as GradCache and OpenCLIP's accum_freq. Pass 1 runs every
+  micro-batch forward without gradients (drawing its PGS masks) and keeps its features. Pass 2
+  runs each micro-batch again, with gradients and the same masks, and takes the loss of the whole
+  batch with that micro-batch's features live and the others cached: its backward gives exactly
+  that micro-batch's share of the global gradient, and the shares add up to the gradient of the
+  global loss. The logit scale (and SigLIP's bias) is live in every pass-2 loss, so each takes
+  1/A of its gradient. Each pass-2 loss is the whole loss, not a micro-batch's mean, so DeepSpeed's
+  division by the accumulation count is off (`scale_wrt_gas=False`). Cost: one more forward
+  per micro-batch, and the A micro-batches held on the device at once.
+- `micro_batch`: each micro-batch's own loss over its W x B pairs, averaged over the A micro-batches
+  by DeepSpeed: fewer negatives (the run's header says how many), one pass.
+
+With A = 1 the two are the same single pass. DeepSpeed's accumulation boundary is its own: every
+backward is followed by `engine.step()`, which steps the optimizer on the A-th. Nothing here reads
+a value back from the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple
+
+import torch
+
+from megapgs.perf.timers import StageTimer
+from megapgs.train.loss import ContrastiveLoss
+
+
+@dataclass
+class MicroBatch:
+    images: torch.Tensor            # (B, 3, H, W) on the device, compute dtype
+    tokens: torch.Tensor            # (B, C) on the device
+    text_lengths: list[int]         # host: tokens up to each EOT
+    keep: object | None             # the tower's keep function (PatchMasker); None: unmasked
+
+
+class StepOutput(NamedTuple):
+    loss: torch.Tensor              # 0-d on the device: the step's loss (global batch, or mean of micro-batches)
+    logit_scale: torch.Tensor       # 0-d on the device
+
+
+def share_of_gradient(value: torch.Tensor | None, parts: int) -> torch.Tensor | None:
+    """`value` unchanged, with 1/parts of its gradient: a term live in each of `parts` losses."""
+    if value is None or parts == 1:
+        return value
+    return value / parts + (value - value / parts).detach()
+
+
+class TrainStep:
+    def __init__(self, engine, loss_fn: ContrastiveLoss, feature_caching: bool, timer: StageTimer):
+        self.engine, self.loss_fn, self.feature_caching, self.timer = engine, loss_fn, feature_caching, timer
+
+    def __call__(self, micro_batches: Iterable[MicroBatch]) -> StepOutput:
+        """Run one optimizer step over the micro-batches (all A of them: DeepSpeed counts)."""
+        if self.feature_caching:
+            micro_batches = list(micro_batches)
+            if len(micro_batches) > 1:
+                return self._with_feature_cache(micro_batches)
+        return self._one_pass(micro_batches)
+
+    def _forward(self, mb: MicroBatch):
+        return self.engine(mb.images, mb.tokens, mb.text_lengths, mb.keep)
+
+    def _backward_and_step(self, objective: torch.Tensor, scale_wrt_gas: bool) -> None:
+        self.engine.backward(objective, scale_wrt_gas=scale_wrt_gas)
+        self.timer.stop("forward_backward")
+        self.timer.start("optimizer")
+        self.engine.step()  # the optimizer steps on the A-th call only
+        self.timer.stop("optimizer")
+
+    def _one_pass(self, micro_batches: Iterable[MicroBatch]) -> StepOutput:
+        total, count = None, 0
+        for mb in micro_batches:
+            self.timer.start("forward_backward")
+            out = self._forward(mb)
+            result = self.loss_fn(out.image, out.text, out.logit_scale, out.logit_bias)
+            self._backward_and_step(result.objective, scale_wrt_gas=True)  # DeepSpeed averages the A losses
+            total = result.loss if total is None else total + result.loss
+            count += 1
+        if count == 0:
+            raise ValueError("a step needs at least one micro-batch")
+        return StepOutput(total / count, out.logit_scale.detach())
+
+    def _with_feature_cache(self, micro_batches: list[MicroBatch]) -> StepOutput:
+        parts = len(micro_batches)
+        self.timer.start("feature_cache")
+        with torch.no_grad():  # pass 1: every micro-batch's features (and its PGS masks)
+            cached = [self._forward(mb) for mb in micro_batches]
+        self.timer.stop("feature_cache")
+        images = [out.image for out in cached]
+        texts = [out.text for out in cached]
+        for m, mb in enumerate(micro_batches):  # pass 2: micro-batch m live, the others cached
+            self.timer.start("forward_backward")
+            out = self._forward(mb)  # mb.keep packs the masks pass 1 drew
+            image_NE = torch.cat([*images[:m], out.image, *images[m + 1:]])
+            text_NE = torch.cat([*texts[:m], out.text, *texts[m + 1:]])
+            result = self.loss_fn(image_NE, text_NE, share_of_gradient(out.logit_scale, parts),
+                                  share_of_gradient(out.logit_bias, parts))
+            self._backward_and_step(result.objective, scale_wrt_gas=False)
+        return StepOutput(result.loss, out.logit_scale.detach())
