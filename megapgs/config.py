@@ -325,15 +325,15 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
 
 
-def _field_is_string(path: Sequence[str]) -> bool:
-    """Whether the schema field at `path` takes a string (so `--set` keeps the raw text)."""
+def _field_type(path: Sequence[str]) -> Any:
+    """The annotation of the schema field at `path`, or None when there is no such field."""
     schema: Any = Config
     for key in path:
         field = getattr(schema, "model_fields", {}).get(key)
         if field is None:
-            return False
+            return None
         schema = field.annotation
-    return schema in (str, str | None)
+    return schema
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
@@ -346,8 +346,11 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     keys = key_path.strip().split(".")
     if not sep or not all(keys):
         raise ConfigError(f"--set {assignment!r}: expected key.path=value, e.g. optim.lr=5e-4")
-    if _field_is_string(keys):
-        value: Any = text
+    field = _field_type(keys)
+    if field == str | None and text == "null":  # an optional string cleared
+        value: Any = None
+    elif field in (str, str | None):  # strings as they are
+        value = text
     else:
         try:
             value = json.loads(text)

@@ -156,3 +156,10 @@ def test_explain_command_runs():
 def test_empty_config_is_the_schema_defaults():
     assert validate({}) == Config()
     assert Path(DEFAULT_CONFIG).name == "tiny_cpu.json"
+
+
+def test_an_optional_string_is_cleared_with_null():
+    cfg = load_config(None, ["eval.shards=/data/eval", "train.init_from=null"])
+    assert cfg.eval.shards == "/data/eval" and cfg.train.init_from is None
+    assert load_config(None, ["eval.shards=null"]).eval.shards is None
+    assert load_config(None, ["train.output_dir=null"]).train.output_dir == "null"  # a required string stays text

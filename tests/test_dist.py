@@ -37,8 +37,9 @@ def direct_collectives(source: str) -> list[tuple[int, str]]:
     aliases: dict[str, str] = {}  # local name -> dotted module or function path
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            for alias in node.names:
-                aliases[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else alias.name.split(".")[0]
+            for alias in node.names:  # `import a.b as c` binds c to a.b; `import a.b` binds a
+                top = alias.name.split(".")[0]
+                aliases[alias.asname or top] = alias.name if alias.asname else top
         elif isinstance(node, ast.ImportFrom) and node.module:
             for alias in node.names:
                 aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"

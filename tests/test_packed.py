@@ -15,7 +15,8 @@ from megapgs.pgs.selection import pgs_generator, select_patches
 def test_the_budget_holds_every_length_combination(batch, low, high):
     total, pads = Packed.budget_for(batch, low, high)
     gen = torch.Generator().manual_seed(batch)
-    cases = [torch.full((batch,), low), torch.full((batch,), high), torch.randint(low, high + 1, (batch,), generator=gen)]
+    cases = [torch.full((batch,), low), torch.full((batch,), high),
+             torch.randint(low, high + 1, (batch,), generator=gen)]
     for lengths in cases:
         packed = Packed.with_budget(lengths, low, high)
         segments = packed.segment_lengths()
@@ -36,8 +37,8 @@ def test_first_and_last_rows_are_the_sequences_own():
 def test_static_and_exact_selection_keep_the_same_patches():
     gen = torch.Generator().manual_seed(0)
     images, tokens = torch.randn(6, 3, 28, 28, generator=gen), torch.randn(6, 49, 16, generator=gen)
-    picks = [select_patches(images, tokens, 4, PGSConfig(), 0.3, pgs_generator(0, 1, 0), static=s) for s in (False, True)]
-    exact, static = picks
+    exact, static = (select_patches(images, tokens, 4, PGSConfig(), 0.3, pgs_generator(0, 1, 0), static=s)
+                     for s in (False, True))
     assert torch.equal(exact.kept_idx, static.kept_idx) and torch.equal(exact.counts, static.counts)
     assert torch.equal(exact.packed.lengths(), static.packed.lengths())
     assert static.packed.total_tokens == Packed.budget_for(6, 6, 35)[0] > exact.packed.total_tokens

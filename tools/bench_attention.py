@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from megapgs.models.archs import get_arch  # noqa: E402
-from megapgs.models.attention import BACKENDS, attention, unavailable_reason  # noqa: E402
+from megapgs.models.attention import BACKENDS, attention, refused_backend_reason, unavailable_reason  # noqa: E402
 from megapgs.models.blocks import Transformer  # noqa: E402
 from megapgs.packed import Packed  # noqa: E402
 from megapgs.perf.timers import device_label, median_ms  # noqa: E402
@@ -57,7 +57,7 @@ def main() -> None:
     for name in BACKENDS:
         if name == "reference" and device.type == "cuda":
             continue  # a Python loop over sequences: not a contender
-        reason = unavailable_reason(name, device, dtype, training=True)
+        reason = unavailable_reason(name, device, dtype, training=True) or refused_backend_reason(name, device, True)
         if reason:
             print(f"{name:>12}: skipped ({reason})")
             continue

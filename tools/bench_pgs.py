@@ -5,8 +5,10 @@
 
 Inputs are real photos (scikit-image's, tiled to the batch) so the similarity step sees real
 structure. For each masking variant it prints the stage's median time, the median time of a
-whole model step (both towers forward + backward + AdamW, the stage included) and the stage's
-share of that step; the unmasked step is the baseline of the same run.
+whole model step (both towers forward + backward + AdamW, the stage included), the stage's
+share of that step and the image tokens the blocks compute (a static token budget computes its
+padding too); the unmasked step is the baseline of the same run. `pgs` packs as training does on
+the device (`pgs.packed_length: auto`: static on CUDA, exact on the CPU).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ VARIANTS = {  # name: pgs config overrides (None: no masking)
     "pgs": {},
     "pgs-no-ot": {"use_ot": False},
     "pgs-0.5": {"min_mask_ratio": 0.5},
+    "pgs-exact": {"packed_length": "exact"},    # sum(k_i + 1) tokens, the counts read back (a sync)
+    "pgs-static": {"packed_length": "static"},  # the static token budget B (k_max + 1) + padding
 }
 
 
@@ -57,7 +61,7 @@ def main() -> None:
     model = CLIP(spec).to(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model.set_attention(resolve_backend("auto", device, dtype, training=True))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
 
@@ -85,7 +89,8 @@ def main() -> None:
             step += 1
             if cfg is None:
                 return None
-            return PatchMasker(cfg, vision.patch_size, args.progress, pgs_generator(0, step, 0, device))
+            static = cfg.packed_length == "static" or (cfg.packed_length == "auto" and device.type == "cuda")
+            return PatchMasker(cfg, vision.patch_size, args.progress, pgs_generator(0, step, 0, device), static)
 
         def stage() -> None:
             with torch.no_grad(), autocast:
@@ -102,14 +107,16 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             train_step.keep_ratio = float(keep.selection.counts.float().mean()) / vision.num_patches if keep else 1.0
+            train_step.tokens = keep.selection.packed.total_tokens if keep else batch * (vision.num_patches + 1)
 
         step_ms = median_ms(train_step, device, args.repeats)
         if cfg is None:
-            print(f"{name:>10}: stage        -      step {step_ms:9.2f} ms   keep 1.000 (baseline)")
+            print(f"{name:>10}: stage        -      step {step_ms:9.2f} ms   keep 1.000 (baseline)   "
+                  f"{train_step.tokens} image tokens")
             continue
         stage_ms = median_ms(stage, device, args.repeats)
         print(f"{name:>10}: stage {stage_ms:8.2f} ms  step {step_ms:9.2f} ms   keep {train_step.keep_ratio:.3f}"
-              f"   stage = {100 * stage_ms / step_ms:5.2f}% of the step")
+              f"   stage = {100 * stage_ms / step_ms:5.2f}% of the step   {train_step.tokens} image tokens")
 
 
 if __name__ == "__main__":

@@ -93,5 +93,7 @@ def prepare_data(cfg: Config, dist: DistInfo) -> DataPlan:
         eval_root = Path(cfg.eval.shards) if cfg.eval.shards else None
     if data.samples_per_epoch is not None:
         train_samples = data.samples_per_epoch
+    if not (cfg.eval.zeroshot or cfg.eval.retrieval):  # no evaluation: its shards are not read, nor checked
+        eval_root = None
     eval_samples = _eval_set(eval_root, "eval.shards") if eval_root is not None else None
     return DataPlan(train_urls, train_samples, eval_root, eval_samples)

@@ -17,7 +17,6 @@ missing here falls back with one log line.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import inspect
 import logging
@@ -89,21 +88,19 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed, cau
     return out_1HTd[0].transpose(0, 1)
 
 
-@functools.cache
-def _varlen_causal_kwargs() -> Callable[[bool], dict]:
-    from torch.nn.attention.varlen import varlen_attn
+try:  # resolved at import, not inside a compiled block (dynamo would have to trace inspect)
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
-    if "is_causal" in params:  # PyTorch <= 2.11
-        return lambda causal: {"is_causal": causal}
-    return lambda causal: {"window_size": (-1, 0) if causal else (-1, -1)}
+    _VARLEN_TAKES_IS_CAUSAL = "is_causal" in inspect.signature(_varlen_attn).parameters  # PyTorch <= 2.11
+except ImportError:  # this PyTorch has no varlen_attn: unavailable_reason says so
+    _varlen_attn, _VARLEN_TAKES_IS_CAUSAL = None, False
 
 
 def _torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed, causal: bool) -> torch.Tensor:
-    from torch.nn.attention.varlen import varlen_attn
-
     cu, S = packed.cu_seqlens, packed.max_seqlen
-    return varlen_attn(q, k, v, cu, cu, S, S, **_varlen_causal_kwargs()(causal))
+    if _VARLEN_TAKES_IS_CAUSAL:
+        return _varlen_attn(q, k, v, cu, cu, S, S, is_causal=causal)
+    return _varlen_attn(q, k, v, cu, cu, S, S, window_size=(-1, 0) if causal else (-1, -1))
 
 
 def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed, causal: bool) -> torch.Tensor:
@@ -150,7 +147,7 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, trai
     if name in ("torch_varlen", "flash_attn", "xformers") and device.type != "cuda":
         return "it needs a CUDA device"
     if name == "torch_varlen":
-        if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        if _varlen_attn is None:
             return "this PyTorch has no torch.nn.attention.varlen"
         if not half:
             return "its flash kernels take bf16/fp16 only"

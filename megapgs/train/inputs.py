@@ -14,6 +14,8 @@ import importlib.util
 import logging
 from typing import Iterator
 
+import torch
+
 from megapgs.config import Config
 from megapgs.data.prepare import DataPlan
 from megapgs.dist import DistInfo
@@ -52,6 +54,15 @@ class EndlessFullBatches:
         log.warning("data: this loader cannot resume inside an epoch: epoch %d starts afresh, in a new order",
                     state["epoch"])
         self.epochs_started = int(state["epoch"])
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`tensor` on the training device without waiting for it: a copy from pageable host memory
+    synchronises the stream first, so host tensors are pinned (PyTorch's caching host allocator
+    keeps the pinned buffer alive until the copy is done) and copied asynchronously."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, dtype, non_blocking=True)
 
 
 def loader_backend(cfg: Config, dist: DistInfo) -> str:

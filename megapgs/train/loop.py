@@ -27,7 +27,7 @@ from megapgs.pgs.pack import PatchMasker
 from megapgs.pgs.selection import pgs_generator
 from megapgs.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from megapgs.train.engine import build_engine, set_lr
-from megapgs.train.inputs import build_loader
+from megapgs.train.inputs import build_loader, to_device
 from megapgs.train.loss import ContrastiveLoss
 from megapgs.train.metrics import MetricsWriter
 from megapgs.train.plan import RunPlan
@@ -143,8 +143,8 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: Sta
         for micro in range(plan.grad_accum_steps):
             timer.start("data")
             batch = next(batches)
-            images = batch.images.to(device, compute_dtype, non_blocking=True)
-            tokens = batch.tokens.to(device, non_blocking=True)
+            images = to_device(batch.images, device, compute_dtype)
+            tokens = to_device(batch.tokens, device)
             timer.stop("data")
             keep = None
             if masked:

@@ -29,6 +29,7 @@ class Window:
         self.sums = torch.zeros(len(_DEVICE_SUMS), dtype=torch.float64, device=self.device)
         self.micro_batches = self.steps = self.samples = 0
         self.images = self.texts = self.text_tokens = self.text_sq = 0
+        self.stream_tokens = 0  # rows of the image streams, a token budget's padding included
         self.started = time.perf_counter()
 
     def _add(self, name: str, value: torch.Tensor | float) -> None:
@@ -43,10 +44,12 @@ class Window:
         self.text_sq += sum(n * n for n in text_lengths)
         if selection is None:
             full = self.arch.vision.num_patches + 1
+            self.stream_tokens += batch_size * full
             self._add("keep", 1.0)
             self._add("image_tokens", float(batch_size * full))
             self._add("image_sq", float(batch_size * full * full))
             return
+        self.stream_tokens += selection.packed.total_tokens
         self._add("keep", selection.stats["keep_ratio_mean"])
         lengths = (selection.counts + 1).double()  # the sequences' own rows, not a budget's padding
         self._add("image_tokens", lengths.sum())
@@ -63,11 +66,11 @@ class Window:
 
     def fetch(self, dist: DistInfo, skips: SkipCounter, peak_flops: float | None) -> dict[str, float]:
         """Reduce over ranks and read on the host, with the loader's skip counts (one collective)."""
-        host = torch.tensor([self.images, self.texts, self.text_tokens, self.text_sq,
+        host = torch.tensor([self.images, self.texts, self.text_tokens, self.text_sq, self.stream_tokens,
                              *(skips.counts[r] for r in REASONS)], dtype=torch.float64)
         values = all_reduce_sum(torch.cat([self.sums, host.to(self.device)]), dist).tolist()
         sums = dict(zip(_DEVICE_SUMS, values))
-        images, texts, text_tokens, text_sq, *skipped = values[len(_DEVICE_SUMS):]
+        images, texts, text_tokens, text_sq, stream_tokens, *skipped = values[len(_DEVICE_SUMS):]
         seconds = time.perf_counter() - self.started
         steps, W = max(self.steps, 1), dist.world_size
         metrics = {
@@ -75,12 +78,16 @@ class Window:
             "logit_scale": sums["logit_scale"] / steps / W, "mask_checksum": sums["mask_checksum"],
             "samples_per_s": self.samples / seconds, "image_tokens_per_s": sums["image_tokens"] / seconds,
             "step_ms": 1e3 * seconds / steps,
+            # the share of the image streams' rows that are a token budget's padding (0 when exact)
+            "image_padding": 1 - sums["image_tokens"] / stream_tokens if stream_tokens else 0.0,
         }
         flops = 3 * clip_forward_flops_from_sums(self.arch, int(images), int(sums["image_tokens"]),
                                                  int(sums["image_sq"]), int(texts), int(text_tokens),
                                                  int(text_sq))["total"]
         if peak_flops is not None and seconds > 0:
             metrics["mfu"] = flops / seconds / W / peak_flops
+        if self.device.type == "cuda":  # the caching allocator's own count: no sync
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         metrics.update({f"skipped_{r}": int(n) for r, n in zip(REASONS, skipped) if n})
         return metrics
 

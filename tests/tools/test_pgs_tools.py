@@ -34,9 +34,9 @@ def test_visualize_pgs_draws_the_grid(tmp_path):
 
 def test_bench_pgs_prints_every_variant():
     stdout = run_tool("tools/bench_pgs.py", "--device", "cpu", "--preset", "tiny", "--batch", "8", "--repeats", "1")
-    for variant in ("none", "random", "pgs", "pgs-no-ot", "pgs-0.5"):
+    for variant in ("none", "random", "pgs", "pgs-no-ot", "pgs-0.5", "pgs-exact", "pgs-static"):
         assert f"{variant}:" in stdout
-    assert stdout.count("% of the step") == 4
+    assert stdout.count("% of the step") == 6
 
 
 def test_median_ms_rejects_no_repeats():

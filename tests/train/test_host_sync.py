@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from megapgs.config import REPO_ROOT
 from megapgs.entry import main as pretrain
 
 READ_BACKS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 IN_STEP = ("megapgs/train/step.py", "megapgs/train/window.py")   # frames that make a call part of a step
 OUTSIDE_THE_RULE = ("megapgs/data/",)                            # the loader's host work
 FETCH = {("megapgs/train/window.py", "fetch"), ("megapgs/perf/timers.py", "collect")}
+PACKAGE = (REPO_ROOT / "megapgs").as_posix() + "/"  # this checkout's package, wherever it was cloned
 
 
 class ReadBackRecorder:
@@ -47,8 +49,7 @@ class ReadBackRecorder:
         frame, in_step, first = sys._getframe(2), False, None
         while frame is not None:
             path = frame.f_code.co_filename.replace("\\", "/")
-            relative = path.split("/megapgs/", 1)[-1] if "/megapgs/megapgs/" in path or "/main/megapgs/" in path else None
-            module = f"megapgs/{relative}" if relative is not None else None
+            module = path[len(PACKAGE) - len("megapgs/"):] if path.startswith(PACKAGE) else None  # megapgs/...
             if module is not None:
                 if module.startswith(OUTSIDE_THE_RULE) or (module, frame.f_code.co_name) in FETCH:
                     return None

@@ -43,7 +43,8 @@ def _worker(rank: int, port: int, kind: str, local_loss: bool, gather_with_grad:
         text = text[rank * B:(rank + 1) * B].clone().requires_grad_(True)
         scale = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
         bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True) if kind == "siglip" else None
-        result = ContrastiveLoss(kind, local_loss, gather_with_grad, DistInfo(rank, WORLD, rank, torch.device("cpu")))(image, text, scale.exp(), bias)
+        dist = DistInfo(rank, WORLD, rank, torch.device("cpu"))
+        result = ContrastiveLoss(kind, local_loss, gather_with_grad, dist)(image, text, scale.exp(), bias)
         result.objective.backward()
         # what DeepSpeed does with parameter gradients: average them over ranks
         shared = [scale.grad.clone()] + ([bias.grad.clone()] if bias is not None else [])
