@@ -5,7 +5,7 @@
 #
 # Checks, in order (each its own piece, under its own `timeout`; a failed or timed-out piece is
 # reported failed and the others still run; the whole GPU mode stays inside GPU_CHECK_BUDGET_S,
-# 450 s by default, since each piece's limit is cut to what is left of it):
+# 480 s by default, since each piece's limit is cut to what is left of it):
 #   environment       python, torch, the CUDA device, deepspeed/open_clip/webdataset/pot/pydantic/DALI versions
 #   cuda_tests        every test marked `cuda` (python -m pytest -m cuda ...); on --cpu all are skipped
 #                     and reported skipped, never passed
@@ -28,12 +28,13 @@
 #   --only NAME,...       run only these pieces (the others are left out of the report)
 #   -- ARGS               appended to every pretrain.py run, e.g. -- --set model.compile=true
 #   PYTHON                the interpreter (default: .venv/bin/python when present, else python3)
-#   GPU_CHECK_BUDGET_S    the pieces' time budget (default 450 s on a GPU, 900 with --cpu)
+#   GPU_CHECK_BUDGET_S    the pieces' time budget (default 480 s on a GPU, 900 with --cpu)
 #   GPU_CHECK_TIMEOUT_S   a cap on every piece's own limit
 #
 # On a GPU machine without a package index: bring wheels of what requirements.txt lists and the
-# machine lacks (deepspeed, open_clip_torch, webdataset, pot, pydantic; DALI optional), install them
-# with `pip install --no-index --target DIR` and PYTHONPATH=DIR, then run this. Where only a few files
+# machine lacks (deepspeed, open_clip_torch + ftfy + regex, webdataset, pot, pydantic, rich,
+# safetensors; for the check pytest and scikit-image; DALI optional), install them with
+# `pip install --no-index --no-deps --target DIR` and PYTHONPATH=DIR, then run this. Where only a few files
 # come back from the machine, keep OUT_DIR local and bring back report.json, report.md and
 # logs.tar.gz (the runs' checkpoints are GBs); commit report.json and report.md under docs/gpu_check/.
 set -uo pipefail
@@ -79,7 +80,7 @@ selected() { [[ -z $ONLY || ",$ONLY," == *",$1,"* ]]; }
 
 STEPS=30 RESUME_STEP=20
 if [[ $MODE == gpu ]]; then
-  CONFIG=configs/vitb16_pgs03.json MICRO=32 RTOL=1e-2 BUDGET=${GPU_CHECK_BUDGET_S:-450}
+  CONFIG=configs/vitb16_pgs03.json MICRO=32 RTOL=1e-2 BUDGET=${GPU_CHECK_BUDGET_S:-480}
   LIMIT_TRAIN=150 LIMIT_RESUME=180  # resume_zero3 compiles its blocks
   PRECISION=(--set deepspeed.bf16.enabled=true)
   LOADER_ARGS=(--loader dali --device cuda --workers 4 8 --samples 1024 --batch-size 128 --batches 8 --warmup 2 --repeats 1)

@@ -19,7 +19,9 @@ import json
 import math
 import platform
 import re
+import shutil
 import sys
+import sysconfig
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -28,10 +30,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # (distribution, import name): what a run needs; DALI and the attention kernels are optional
+# (the check itself needs pytest and scikit-image's photos; a run imports rich, safetensors, torchvision)
 REQUIRED = [("torch", "torch"), ("deepspeed", "deepspeed"), ("open_clip_torch", "open_clip"),
-            ("webdataset", "webdataset"), ("pot", "ot"), ("pydantic", "pydantic")]
+            ("webdataset", "webdataset"), ("pot", "ot"), ("pydantic", "pydantic"), ("rich", "rich"),
+            ("safetensors", "safetensors"), ("torchvision", "torchvision"), ("pytest", "pytest"),
+            ("scikit-image", "skimage")]
 OPTIONAL = [("nvidia-dali-cuda130", "nvidia.dali"), ("flash-attn", "flash_attn"), ("xformers", "xformers"),
-            ("torchvision", "torchvision"), ("rich", "rich"), ("tensorboard", "tensorboard")]
+            ("tensorboard", "tensorboard")]
 TRAIN_FIGURES = ("loss", "samples_per_s", "step_ms", "keep_ratio", "mfu", "image_tokens_per_s", "pgs_ms",
                  "forward_backward_ms", "optimizer_ms", "data_ms")
 
@@ -62,6 +67,11 @@ def environment(mode: str) -> tuple[dict, list[str]]:
         if version is None:
             missing[dist] = why
     figures["packages"], figures["missing"] = packages, missing
+    # what torch.compile's first kernel build needs (a C compiler and Python's headers): without them
+    # the compiled resume fails, and the report should say why at a glance
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    figures["c_compiler"] = shutil.which("cc") or shutil.which("gcc")
+    figures["python_headers"] = headers.is_file()
     required_missing = [dist for dist, _ in REQUIRED if dist in missing]
     if required_missing:
         problems.append("missing: " + ", ".join(required_missing))

@@ -48,6 +48,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
 
 
+def _without_throughput_timer(timers: dict[str, Any]) -> dict[str, Any]:
+    """The config's timers with DeepSpeed's throughput timer off unless it is asked for by name."""
+    throughput = {"enabled": False, **timers.get("throughput", {})}
+    return {**timers, "throughput": throughput}
+
+
 def deepspeed_config(cfg: Config, plan: RunPlan) -> dict[str, Any]:
     """The config's DeepSpeed section plus what megapgs owns: the batch sizes; DeepSpeed's step
     printing and throughput timer off (megapgs logs, and the timer synchronises the device at
@@ -59,7 +65,7 @@ def deepspeed_config(cfg: Config, plan: RunPlan) -> dict[str, Any]:
         "gradient_accumulation_steps": plan.grad_accum_steps,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
-        "timers": {"throughput": {"enabled": False}, **cfg.deepspeed.get("timers", {})},
+        "timers": _without_throughput_timer(cfg.deepspeed.get("timers", {})),
     }
     if cfg.precision == "bf16":
         ds["data_types"] = {"grad_accum_dtype": "fp32", **cfg.deepspeed.get("data_types", {})}

@@ -4,14 +4,14 @@ How the contrastive loss meets gradient accumulation (`train.contrastive_batch`)
 
 - `global` (default): the loss sees the whole global batch, W x A x B pairs, whatever the
   accumulation: feature caching, as GradCache and OpenCLIP's accum_freq. Pass 1 runs every
-  micro-batch forward without gradients (drawing its PGS masks) and keeps its features. Pass 2
-  runs each micro-batch again, with gradients and the same masks, and takes the loss of the whole
-  batch with that micro-batch's features live and the others cached: its backward gives exactly
-  that micro-batch's share of the global gradient, and the shares add up to the gradient of the
-  global loss. The logit scale (and SigLIP's bias) is live in every pass-2 loss, so each takes
-  1/A of its gradient. Each pass-2 loss is the whole loss, not a micro-batch's mean, so DeepSpeed's
-  division by the accumulation count is off (`scale_wrt_gas=False`). Cost: one more forward
-  per micro-batch, and the A micro-batches held on the device at once.
+  micro-batch forward without gradients (drawing its PGS masks) and keeps its features; the loss of
+  the whole batch is taken once on them, with its gradient with respect to each feature (and the
+  logit scale, SigLIP's bias). Pass 2 runs each micro-batch again, with gradients and the same
+  masks, and back-propagates <its features, their gradient> (the scale's 1/A in each): exactly its
+  share of the global gradient; the shares add up to the gradient of the global loss. These are
+  whole-batch gradients, not micro-batch means, so DeepSpeed's division by the accumulation count
+  is off (`scale_wrt_gas=False`). Cost: one more forward per micro-batch, and the A micro-batches
+  held on the device at once.
 - `micro_batch`: each micro-batch's own loss over its W x B pairs, averaged over the A micro-batches
   by DeepSpeed: fewer negatives (the run's header says how many), one pass.
 
@@ -43,13 +43,6 @@ class StepOutput(NamedTuple):
     logit_scale: torch.Tensor       # 0-d on the device
 
 
-def share_of_gradient(value: torch.Tensor | None, parts: int) -> torch.Tensor | None:
-    """`value` unchanged, with 1/parts of its gradient: a term live in each of `parts` losses."""
-    if value is None or parts == 1:
-        return value
-    return value / parts + (value - value / parts).detach()
-
-
 class TrainStep:
     def __init__(self, engine, loss_fn: ContrastiveLoss, feature_caching: bool, timer: StageTimer):
         self.engine, self.loss_fn, self.feature_caching, self.timer = engine, loss_fn, feature_caching, timer
@@ -57,9 +50,7 @@ class TrainStep:
     def __call__(self, micro_batches: Iterable[MicroBatch]) -> StepOutput:
         """Run one optimizer step over the micro-batches (all A of them: DeepSpeed counts)."""
         if self.feature_caching:
-            micro_batches = list(micro_batches)
-            if len(micro_batches) > 1:
-                return self._with_feature_cache(micro_batches)
+            return self._with_feature_cache(micro_batches)
         return self._one_pass(micro_batches)
 
     def _forward(self, mb: MicroBatch):
@@ -85,20 +76,38 @@ class TrainStep:
             raise ValueError("a step needs at least one micro-batch")
         return StepOutput(total / count, out.logit_scale.detach())
 
-    def _with_feature_cache(self, micro_batches: list[MicroBatch]) -> StepOutput:
-        parts = len(micro_batches)
+    def _with_feature_cache(self, micro_batches: Iterable[MicroBatch]) -> StepOutput:
+        # pass 1: every micro-batch's features without gradients (and its PGS masks), each batch
+        # computed as soon as the loader hands it over
+        taken, cached = [], []
         self.timer.start("feature_cache")
-        with torch.no_grad():  # pass 1: every micro-batch's features (and its PGS masks)
-            cached = [self._forward(mb) for mb in micro_batches]
+        with torch.no_grad():
+            for mb in micro_batches:
+                taken.append(mb)
+                cached.append(self._forward(mb))
+        if not taken:
+            raise ValueError("a step needs at least one micro-batch")
+        # the loss of the whole batch, once, and its gradient with respect to the cached features
+        # and the logit scale (and bias)
+        leaves = [torch.cat([out.image for out in cached]), torch.cat([out.text for out in cached]),
+                  cached[-1].logit_scale]
+        if cached[-1].logit_bias is not None:
+            leaves.append(cached[-1].logit_bias)
+        leaves = [leaf.detach().requires_grad_() for leaf in leaves]
+        result = self.loss_fn(*leaves[:3], leaves[3] if len(leaves) > 3 else None)
+        grads = torch.autograd.grad(result.objective, leaves)
         self.timer.stop("feature_cache")
-        images = [out.image for out in cached]
-        texts = [out.text for out in cached]
-        for m, mb in enumerate(micro_batches):  # pass 2: micro-batch m live, the others cached
+        # pass 2: each micro-batch again, with gradients and the same masks; the backward of
+        # <features, d loss / d features> gives exactly its share of the global gradient
+        rows = 0
+        for mb in taken:
             self.timer.start("forward_backward")
             out = self._forward(mb)  # mb.keep packs the masks pass 1 drew
-            image_NE = torch.cat([*images[:m], out.image, *images[m + 1:]])
-            text_NE = torch.cat([*texts[:m], out.text, *texts[m + 1:]])
-            result = self.loss_fn(image_NE, text_NE, share_of_gradient(out.logit_scale, parts),
-                                  share_of_gradient(out.logit_bias, parts))
-            self._backward_and_step(result.objective, scale_wrt_gas=False)
+            B = out.image.shape[0]
+            share = ((out.image * grads[0][rows:rows + B]).sum() + (out.text * grads[1][rows:rows + B]).sum()
+                     + (out.logit_scale * grads[2]).sum() / len(taken))
+            if out.logit_bias is not None:
+                share = share + (out.logit_bias * grads[3]).sum() / len(taken)
+            rows += B
+            self._backward_and_step(share, scale_wrt_gas=False)
         return StepOutput(result.loss, out.logit_scale.detach())

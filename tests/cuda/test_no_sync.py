@@ -43,15 +43,15 @@ def where(warning: warnings.WarningMessage) -> str:
     return f"{warning.filename.split('site-packages/')[-1]}:{warning.lineno}"
 
 
-def test_no_sync_in_a_step_fp32_zero0(tmp_path, monkeypatch):
-    caught = run_with_sync_debug(tmp_path, monkeypatch)
-    assert [where(w) for w in caught] == []
-
-
-@pytest.mark.parametrize("stage", [1, 3])
-def test_only_deepspeed_syncs_in_a_bf16_zero_step(tmp_path, monkeypatch, stage):
-    caught = run_with_sync_debug(tmp_path, monkeypatch, f'deepspeed={{"bf16": {{"enabled": true}}, '
-                                 f'"zero_optimization": {{"stage": {stage}}}}}')
-    print("\nDeepSpeed's own syncs per 10 steps:", sorted({where(w) for w in caught}))
+@pytest.mark.parametrize("deepspeed", [
+    '{"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0}',  # fp32
+    '{"bf16": {"enabled": true}, "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0}',
+    '{"bf16": {"enabled": true}, "zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}',
+])
+def test_only_deepspeed_syncs_in_a_step(tmp_path, monkeypatch, deepspeed):
+    """DeepSpeed's clipping builds its norm with torch.tensor(..., device) under ZeRO-0 and checks it
+    for finiteness under ZeRO-1/2/3: its syncs, listed; none may come from anywhere else."""
+    caught = run_with_sync_debug(tmp_path, monkeypatch, f"deepspeed={deepspeed}")
+    print("\nDeepSpeed's own syncs in 10 steps:", sorted({where(w) for w in caught}))
     ours = [where(w) for w in caught if "/deepspeed/" not in w.filename]
     assert ours == []

@@ -23,18 +23,18 @@ from megapgs.train.step import MicroBatch, TrainStep
 GLOBAL_BATCH = 32
 
 
-def overrides(micro: int, stage: int, contrastive: str, packed_length: str) -> list[str]:
-    return ["data.source=synthetic", "pgs.masking=pgs", "pgs.rng=sample", "pgs.unmasked_tail=0",
+def overrides(micro: int, stage: int, contrastive: str, packed_length: str, loss: str) -> list[str]:
+    return [f"train.loss={loss}", "data.source=synthetic", "pgs.masking=pgs", "pgs.rng=sample", "pgs.unmasked_tail=0",
             f"pgs.packed_length={packed_length}", f"train.global_batch_size={GLOBAL_BATCH}",
             f"train.micro_batch_size={micro}", f"train.contrastive_batch={contrastive}", "train.steps=10",
             "eval.zeroshot=false", "eval.retrieval=false", f'deepspeed={{"zero_optimization": {{"stage": {stage}}}}}']
 
 
-def one_step(micro: int, stage: int, contrastive: str = "global", packed_length: str = "exact"):
+def one_step(micro: int, stage: int, contrastive: str = "global", packed_length: str = "exact", loss: str = "clip"):
     """(loss, {name: full gradient}) of the first optimizer step, read just before it is taken."""
     from deepspeed.utils import safe_get_full_grad
 
-    cfg = load_config(None, overrides(micro, stage, contrastive, packed_length))
+    cfg = load_config(None, overrides(micro, stage, contrastive, packed_length, loss))
     dist = init_distributed()
     data = prepare_data(cfg, dist)
     plan = plan_run(cfg, dist, data)
@@ -108,6 +108,12 @@ def test_the_micro_batch_loss_is_another_function(whole_batch):
     """The explicit opt-out (4 separate losses over 8 pairs) really differs: the test above can fail."""
     loss, _ = one_step(8, stage=0, contrastive="micro_batch")
     assert abs(loss - whole_batch[0]) > 1e-3
+
+
+def test_siglip_through_the_feature_cache():
+    """SigLIP's logit bias takes its gradient from every micro-batch's share too."""
+    os.environ.pop("WORLD_SIZE", None)
+    assert_same_step(one_step(8, stage=0, loss="siglip"), one_step(GLOBAL_BATCH, stage=0, loss="siglip"))
 
 
 @pytest.mark.multiprocess
