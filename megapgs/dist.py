@@ -75,16 +75,27 @@ def join_process_group(dist: DistInfo) -> None:
     """Create the process group (once) and let DeepSpeed's comm layer adopt it."""
     import deepspeed  # slow to import; only the engine and multi-rank start-up need it
 
-    if not tdist.is_initialized():
-        if dist.world_size == 1:
-            for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                                ("MASTER_ADDR", "127.0.0.1")):
-                os.environ.setdefault(name, value)
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if tdist.is_initialized():
+        deepspeed.init_distributed(verbose=False)  # adopts the group that is already there
+        return
+    rendezvous: dict[str, str] = {}
+    if dist.world_size == 1 and "TORCHELASTIC_USE_AGENT_STORE" not in os.environ:
+        # a one-rank group of its own, on a port nobody else holds (not one inherited from a parent
+        # process, which may hold it); torchrun's agent hosts the store itself and keeps its port
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(name, value)  # DeepSpeed reads LOCAL_RANK later
+        rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    before = {name: os.environ.get(name) for name in rendezvous}
+    os.environ.update(rendezvous)
+    try:
         # DeepSpeed hands the backend string to torch.distributed.init_process_group unchanged
         deepspeed.init_distributed(dist_backend=process_group_backend(dist.device), verbose=False)
-    else:
-        deepspeed.init_distributed(verbose=False)  # adopts the group that is already there
+    finally:  # child processes (a tool, a test's run) must not inherit the port this process holds
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def init_distributed() -> DistInfo:

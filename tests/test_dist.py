@@ -4,6 +4,7 @@ megapgs/dist.py, which puts its tensors on the communication device; the GPU pro
 has a CPU backend, so a library's CPU collective cannot kill a run."""
 import ast
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -154,3 +155,19 @@ def test_allowed_files_exist():
     for relative in ALLOWED:
         assert (REPO_ROOT / relative).is_file()
     assert Path(megapgs_dist.__file__).resolve() == REPO_ROOT / "megapgs/dist.py"
+
+
+def test_a_one_rank_group_takes_a_free_port_and_leaves_the_environment_alone():
+    """A plain `python` run (or a tool a test starts) that inherits MASTER_PORT from a process that
+    holds it still starts, and does not pass its own port on to its children."""
+    script = ("import os, torch; from megapgs.dist import DistInfo, join_process_group; "
+              "join_process_group(DistInfo(0, 1, 0, torch.device('cpu'))); "
+              "print(torch.distributed.get_world_size(), os.environ.get('MASTER_PORT'))")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MASTER_PORT": port}
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["1", port]

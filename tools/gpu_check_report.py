@@ -38,7 +38,7 @@ REQUIRED = [("torch", "torch"), ("deepspeed", "deepspeed"), ("open_clip_torch", 
 OPTIONAL = [("nvidia-dali-cuda130", "nvidia.dali"), ("flash-attn", "flash_attn"), ("xformers", "xformers"),
             ("tensorboard", "tensorboard")]
 TRAIN_FIGURES = ("loss", "samples_per_s", "step_ms", "keep_ratio", "mfu", "image_tokens_per_s", "pgs_ms",
-                 "forward_backward_ms", "optimizer_ms", "data_ms")
+                 "forward_ms", "loss_ms", "backward_ms", "optimizer_ms", "feature_cache_ms", "data_ms")
 
 
 # ----------------------------------------------------------------------------- the environment piece

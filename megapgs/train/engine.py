@@ -127,6 +127,10 @@ def build_engine(cfg: Config, plan: RunPlan, dist: DistInfo, init_from: str | No
         set_z3_leaf_modules(model, [Block])
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, plan),
                                       dist_init_required=False)
+    if dist.world_size == 1 and cfg.zero_stage == 0:
+        # one rank, no ZeRO: the gradient all-reduce is the identity, and DeepSpeed's fallback
+        # would still flatten every gradient into buckets and copy it back, twice per step
+        engine.enable_backward_allreduce = False
     if cfg.model.compile:
         compile_blocks(model)
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())

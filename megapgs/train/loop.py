@@ -22,9 +22,6 @@ from megapgs.atomic import write_json_atomic
 from megapgs.dist import DistInfo
 from megapgs.perf.flops import peak_flops
 from megapgs.perf.timers import StageTimer
-from megapgs.pgs.keyed_random import SampleKeyedDraws
-from megapgs.pgs.pack import PatchMasker
-from megapgs.pgs.selection import pgs_generator
 from megapgs.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from megapgs.train.engine import build_engine, set_lr
 from megapgs.train.inputs import build_loader, to_device
@@ -33,7 +30,7 @@ from megapgs.train.metrics import MetricsWriter
 from megapgs.train.plan import RunPlan
 from megapgs.train.progress import TrainProgress
 from megapgs.train.schedule import lr_at, masking_at, progress_at
-from megapgs.train.step import MicroBatch, TrainStep
+from megapgs.train.step import MicroBatch, TrainStep, pgs_masker
 from megapgs.train.window import Window
 from megapgs.train.start import StartPoint
 
@@ -63,26 +60,6 @@ def describe_eval(metrics: dict[str, float]) -> str:
             parts.append(f"{direction.replace('_to_', '->')} R@1/5/10 {recalls}%")
     parts.append(f"{int(metrics['eval_samples']):,} images in {metrics['eval_seconds']:.1f} s")
     return ", ".join(parts)
-
-
-class TimedMasker:
-    """PatchMasker that records the PGS stage's time (its first call: the selection; a feature
-    cache's second pass only packs again, inside the forward) and exposes its selection."""
-
-    def __init__(self, masker: PatchMasker, timer: StageTimer):
-        self.masker, self.timer = masker, timer
-
-    def __call__(self, images, cls, tokens):
-        if self.masker.selection is not None:
-            return self.masker(images, cls, tokens)
-        self.timer.start("pgs")
-        out = self.masker(images, cls, tokens)
-        self.timer.stop("pgs")
-        return out
-
-    @property
-    def selection(self):
-        return self.masker.selection
 
 
 def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: StartPoint) -> RunSummary:
@@ -146,15 +123,7 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: Sta
             images = to_device(batch.images, device, compute_dtype)
             tokens = to_device(batch.tokens, device)
             timer.stop("data")
-            keep = None
-            if masked:
-                # masks drawn per (step, rank), or keyed by the sample's place in the step's global batch
-                generator = (pgs_generator(cfg.train.seed, step * plan.grad_accum_steps + micro, dist.rank, device)
-                             if cfg.pgs.rng == "rank" else
-                             SampleKeyedDraws(cfg.train.seed, step, (micro * dist.world_size + dist.rank)
-                                              * plan.micro_batch_size))
-                keep = TimedMasker(PatchMasker(cfg.pgs, arch.vision.patch_size, progress, generator,
-                                               static=plan.static_packing), timer)
+            keep = pgs_masker(cfg, plan, dist, step, micro, progress, timer) if masked else None
             taken.append(MicroBatch(images, tokens, batch.text_lengths, keep))
             yield taken[-1]
 
@@ -176,7 +145,7 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: Sta
                 metrics = window.fetch(dist, loader.skips, peak)  # the loop's one sync, every N steps
                 stages = {f"{name}_ms": ms / window.steps for name, ms in timer.collect().items()}
                 if "pgs_ms" in stages:  # PGS runs inside the first forward of each micro-batch
-                    first_pass = "feature_cache_ms" if "feature_cache_ms" in stages else "forward_backward_ms"
+                    first_pass = "feature_cache_ms" if "feature_cache_ms" in stages else "forward_ms"
                     stages[first_pass] -= stages["pgs_ms"]
                 metrics.update(lr=lr, samples_seen=samples_seen, **stages)
                 writer.write(done, metrics)

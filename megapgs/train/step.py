@@ -26,8 +26,14 @@ from typing import Iterable, NamedTuple
 
 import torch
 
+from megapgs.config import Config
+from megapgs.dist import DistInfo
 from megapgs.perf.timers import StageTimer
+from megapgs.pgs.keyed_random import SampleKeyedDraws
+from megapgs.pgs.pack import PatchMasker
+from megapgs.pgs.selection import pgs_generator
 from megapgs.train.loss import ContrastiveLoss
+from megapgs.train.plan import RunPlan
 
 
 @dataclass
@@ -43,6 +49,39 @@ class StepOutput(NamedTuple):
     logit_scale: torch.Tensor       # 0-d on the device
 
 
+class TimedMasker:
+    """PatchMasker that records the PGS stage's time (its first call: the selection; a feature
+    cache's second pass only packs again, inside the forward) and exposes its selection."""
+
+    def __init__(self, masker: PatchMasker, timer: StageTimer):
+        self.masker, self.timer = masker, timer
+
+    def __call__(self, images, cls, tokens):
+        if self.masker.selection is not None:
+            return self.masker(images, cls, tokens)
+        self.timer.start("pgs")
+        out = self.masker(images, cls, tokens)
+        self.timer.stop("pgs")
+        return out
+
+    @property
+    def selection(self):
+        return self.masker.selection
+
+
+def pgs_masker(cfg: Config, plan: RunPlan, dist: DistInfo, step: int, micro: int, progress: float,
+               timer: StageTimer) -> TimedMasker:
+    """The keep function of micro-batch `micro` of `step` on this rank: its masks drawn per (seed,
+    step, rank), or keyed by each sample's place in the step's global batch (`pgs.rng: sample`)."""
+    if cfg.pgs.rng == "rank":
+        generator = pgs_generator(cfg.train.seed, step * plan.grad_accum_steps + micro, dist.rank, dist.device)
+    else:
+        first_sample = (micro * dist.world_size + dist.rank) * plan.micro_batch_size
+        generator = SampleKeyedDraws(cfg.train.seed, step, first_sample)
+    masker = PatchMasker(cfg.pgs, plan.arch.vision.patch_size, progress, generator, static=plan.static_packing)
+    return TimedMasker(masker, timer)
+
+
 class TrainStep:
     def __init__(self, engine, loss_fn: ContrastiveLoss, feature_caching: bool, timer: StageTimer):
         self.engine, self.loss_fn, self.feature_caching, self.timer = engine, loss_fn, feature_caching, timer
@@ -53,12 +92,13 @@ class TrainStep:
             return self._with_feature_cache(micro_batches)
         return self._one_pass(micro_batches)
 
-    def _forward(self, mb: MicroBatch):
+    def _forward(self, mb: MicroBatch):  # engine forward: PGS + both towers
         return self.engine(mb.images, mb.tokens, mb.text_lengths, mb.keep)
 
     def _backward_and_step(self, objective: torch.Tensor, scale_wrt_gas: bool) -> None:
+        self.timer.start("backward")
         self.engine.backward(objective, scale_wrt_gas=scale_wrt_gas)
-        self.timer.stop("forward_backward")
+        self.timer.stop("backward")
         self.timer.start("optimizer")
         self.engine.step()  # the optimizer steps on the A-th call only
         self.timer.stop("optimizer")
@@ -66,9 +106,12 @@ class TrainStep:
     def _one_pass(self, micro_batches: Iterable[MicroBatch]) -> StepOutput:
         total, count = None, 0
         for mb in micro_batches:
-            self.timer.start("forward_backward")
+            self.timer.start("forward")
             out = self._forward(mb)
+            self.timer.stop("forward")
+            self.timer.start("loss")
             result = self.loss_fn(out.image, out.text, out.logit_scale, out.logit_bias)
+            self.timer.stop("loss")
             self._backward_and_step(result.objective, scale_wrt_gas=True)  # DeepSpeed averages the A losses
             total = result.loss if total is None else total + result.loss
             count += 1
@@ -101,8 +144,9 @@ class TrainStep:
         # <features, d loss / d features> gives exactly its share of the global gradient
         rows = 0
         for mb in taken:
-            self.timer.start("forward_backward")
+            self.timer.start("forward")
             out = self._forward(mb)  # mb.keep packs the masks pass 1 drew
+            self.timer.stop("forward")
             B = out.image.shape[0]
             share = ((out.image * grads[0][rows:rows + B]).sum() + (out.text * grads[1][rows:rows + B]).sum()
                      + (out.logit_scale * grads[2]).sum() / len(taken))

@@ -11,14 +11,12 @@ import torch.multiprocessing as mp
 from megapgs.config import load_config
 from megapgs.data.prepare import prepare_data
 from megapgs.dist import init_distributed
-from megapgs.pgs.keyed_random import SampleKeyedDraws
-from megapgs.pgs.pack import PatchMasker
+from megapgs.perf.timers import StageTimer
 from megapgs.train.engine import build_engine
 from megapgs.train.inputs import build_loader
 from megapgs.train.loss import ContrastiveLoss
 from megapgs.train.plan import plan_run
-from megapgs.perf.timers import StageTimer
-from megapgs.train.step import MicroBatch, TrainStep
+from megapgs.train.step import MicroBatch, TrainStep, pgs_masker
 
 GLOBAL_BATCH = 32
 
@@ -51,13 +49,12 @@ def one_step(micro: int, stage: int, contrastive: str = "global", packed_length:
         take_step()
 
     engine.step = step_reading_gradients
-    micro_batches = []
-    for m in range(plan.grad_accum_steps):
+    timer, micro_batches = StageTimer(dist.device), []
+    for m in range(plan.grad_accum_steps):  # the masks the training loop draws at step 0
         batch = next(batches)
-        masks = SampleKeyedDraws(cfg.train.seed, 0, (m * dist.world_size + dist.rank) * plan.micro_batch_size)
-        keep = PatchMasker(cfg.pgs, plan.arch.vision.patch_size, 0.0, masks, static=plan.static_packing)
+        keep = pgs_masker(cfg, plan, dist, 0, m, 0.0, timer)
         micro_batches.append(MicroBatch(batch.images, batch.tokens, batch.text_lengths, keep))
-    out = TrainStep(engine, loss_fn, plan.feature_caching, StageTimer(dist.device))(micro_batches)
+    out = TrainStep(engine, loss_fn, plan.feature_caching, timer)(micro_batches)
     return float(out.loss), grads
 
 
