@@ -18,6 +18,9 @@
 #   bench_loader      tools/bench_loader.py --loader dali (skipped when DALI cannot import)
 #   bench_attention   tools/bench_attention.py, tools/bench_pgs.py: GPU mode only, figures into the report
 #   bench_pgs
+#   profile_pgs05     tools/profile_throughput.py, ViT-L/14 at batch 128 on photos, PGS-0.5 / PGS-0.3,
+#   profile_pgs03       --baseline openclip (eager and compiled): GPU mode only, and only when at least
+#                       120 s of the budget are left (else skipped, saying so: run them with --only)
 # GPU mode: configs/vitb16_pgs03.json (ViT-B-16, bf16), micro batch 32. --cpu: configs/tiny_cpu.json
 # (tiny-28, bf16 too) on the CPU, micro batch 16, about a minute in all (the test suite runs it).
 #
@@ -70,7 +73,8 @@ else PY=python3; fi
 export PYTHONUNBUFFERED=1 NO_COLOR=1 TERM=${TERM:-dumb} COLUMNS=${COLUMNS:-160}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # before DeepSpeed JIT-builds an op (Hopper)
 
-PIECES=(environment cuda_tests train_zero1 resume_zero1 train_zero3 resume_zero3 bench_loader bench_attention bench_pgs)
+PIECES=(environment cuda_tests train_zero1 resume_zero1 train_zero3 resume_zero3 bench_loader bench_attention bench_pgs
+        profile_pgs05 profile_pgs03)
 if [[ -n $ONLY ]]; then
   for name in ${ONLY//,/ }; do
     [[ " ${PIECES[*]} " == *" $name "* ]] || { echo "--only: unknown piece $name (known: ${PIECES[*]})" >&2; exit 2; }
@@ -208,6 +212,19 @@ else
   skip bench_attention "GPU mode only"
   skip bench_pgs "GPU mode only"
 fi
+
+# e. the profiler beside OpenCLIP, ViT-L/14 (issue 13): what the budget leaves room for
+for ratio in 05 03; do
+  name=profile_pgs$ratio
+  if [[ $MODE != gpu ]]; then
+    skip $name "GPU mode only"
+  elif [[ -z $ONLY ]] && (( DEADLINE - $(date +%s) < 120 )); then
+    skip $name "less than 120 s of the ${BUDGET} s budget left: run it with --only $name"
+  else
+    piece $name 240 "$PY" tools/profile_throughput.py --config configs/vitl_pgs$ratio.json --batch 128 \
+      --data photos --baseline openclip --steps 5 --warmup 2 --set eval.shards=null
+  fi
+done
 
 # ----------------------------------------------------------------------------- the report
 echo

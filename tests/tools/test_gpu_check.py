@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PIECES = ["environment", "cuda_tests", "train_zero1", "resume_zero1", "train_zero3", "resume_zero3",
-          "bench_loader", "bench_attention", "bench_pgs"]
+          "bench_loader", "bench_attention", "bench_pgs", "profile_pgs05", "profile_pgs03"]
 
 
 def gpu_check(out_dir: Path, *options: str, extra: tuple[str, ...] = (), env: dict | None = None,
@@ -74,7 +74,7 @@ def test_cuda_tests_are_collected_and_reported_skipped_not_passed(cpu_check):
     assert any(name.startswith("tests.cuda.test_fast_path::test_fast_attention_path") for name in names)
     assert any(name.startswith("tests.models.test_attention::test_gpu_backends_bf16") for name in names)
     assert any(name.startswith("tests.data.test_dali::") for name in names) or figures["not_collected"]
-    for name in ("bench_attention", "bench_pgs"):
+    for name in ("bench_attention", "bench_pgs", "profile_pgs05", "profile_pgs03"):
         assert by_name(report)[name]["status"] == "skipped" and "GPU mode only" in by_name(report)[name]["reason"]
 
 
