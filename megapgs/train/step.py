@@ -123,15 +123,17 @@ class TrainStep:
         # pass 1: every micro-batch's features without gradients (and its PGS masks), each batch
         # computed as soon as the loader hands it over
         taken, cached = [], []
-        self.timer.start("feature_cache")
-        with torch.no_grad():
-            for mb in micro_batches:
-                taken.append(mb)
+        for mb in micro_batches:  # loading it is the loader's time (its own stage), not the cache's
+            taken.append(mb)
+            self.timer.start("feature_cache")
+            with torch.no_grad():
                 cached.append(self._forward(mb))
+            self.timer.stop("feature_cache")
         if not taken:
             raise ValueError("a step needs at least one micro-batch")
         # the loss of the whole batch, once, and its gradient with respect to the cached features
         # and the logit scale (and bias)
+        self.timer.start("feature_cache")
         leaves = [torch.cat([out.image for out in cached]), torch.cat([out.text for out in cached]),
                   cached[-1].logit_scale]
         if cached[-1].logit_bias is not None:
