@@ -27,6 +27,16 @@ RUNS = {
     "unmasked": ["pgs.masking=none"],
     "pgs": ["pgs.masking=pgs"],
 }
+# The same curve, bit for bit, on every x86-64 machine. Twenty steps at the tiny preset's learning
+# rate amplify a last-bit difference about a hundredfold (5e-7 at step 3 becomes 2e-5 by step 17),
+# and each library picks its kernels by the CPU it finds: AVX-512 and AVX2 machines round
+# differently. So the gate pins every choice to the baseline path: one thread (a fixed reduction
+# order), ATen's default kernels, MKL's conditional numerical reproducibility (its SSE2 code on any
+# x86 CPU) and oneDNN's SSE4.1 code. Measured 2026-12-03 on an AVX-512 machine: each of the three
+# left to choose for itself moved the curves (and broke the 1e-5 gate against a golden file written
+# on another machine); pinned, two runs are identical. Slower (about 24 s a run, not 13), portable.
+PINNED_CPU_PATHS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default",
+                    "MKL_CBWR": "COMPATIBLE,STRICT", "DNNL_MAX_CPU_ISA": "SSE41"}
 COMMON = ["data.source=synthetic", f"train.steps={STEPS}", "optim.warmup_steps=5", "train.seed=0",
           "eval.zeroshot=false", "eval.retrieval=false", "log.every_steps=1", "log.tensorboard=false",
           "log.progress=false", "train.checkpoint_every=0"]
@@ -37,9 +47,7 @@ def loss_curve(name: str, workdir: Path) -> list[float]:
     run_dir = workdir / name
     overrides = [*COMMON, *RUNS[name], f"train.output_dir={run_dir}"]
     cmd = [sys.executable, "launch/pretrain.py", *(arg for o in overrides for arg in ("--set", o))]
-    # One thread: CPU kernels then reduce in a fixed order, and the curve is the same bit for bit
-    # from run to run (with two threads it wanders by ~1e-6 over 20 steps).
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **PINNED_CPU_PATHS}
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"the {name} run failed:\n{(done.stdout + done.stderr)[-4000:]}")
@@ -71,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: " + " ".join(f"{loss:.8f}" for loss in curve))
     if args.update:
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-        GOLDEN.write_text(json.dumps({"steps": STEPS, "overrides": COMMON, "runs": RUNS, **curves}, indent=1) + "\n")
+        GOLDEN.write_text(json.dumps({"steps": STEPS, "overrides": COMMON, "runs": RUNS, "environment": PINNED_CPU_PATHS,
+                                      **curves}, indent=1) + "\n")
         print(f"wrote {GOLDEN.relative_to(ROOT)}")
         return 0
     problems = compare(json.loads(GOLDEN.read_text()), curves)
