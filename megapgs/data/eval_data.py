@@ -18,9 +18,9 @@ import torch
 
 from megapgs.data.faults import IMAGE_EXTS, SkipCounter, check_caption, decode_image, image_member
 from megapgs.data.shards import read_shard
-from megapgs.data.transforms import eval_transform
+from megapgs.data.transforms import eval_pixels, normalize
 
-EvalSample = tuple[torch.Tensor, int, str, str]                              # image, label, caption, key
+EvalSample = tuple[torch.Tensor, int, str, str]                   # uint8 pixels, label, caption, key
 EvalBatch = tuple[torch.Tensor, torch.Tensor, list[str], list[str]]          # images, labels, captions, keys
 
 
@@ -30,7 +30,7 @@ def batch_eval_samples(samples: Iterable[EvalSample], batch_size: int) -> Iterat
 
     def stacked() -> EvalBatch:
         images, labels, captions, keys = zip(*rows)
-        return torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(captions), list(keys)
+        return normalize(torch.stack(images)), torch.tensor(labels, dtype=torch.int64), list(captions), list(keys)
 
     for sample in samples:
         rows.append(sample)
@@ -56,7 +56,7 @@ def _shard_samples(shards: Sequence[str], image_size: int, skips: SkipCounter) -
                 label = int(sample["cls"].decode().strip()) if "cls" in sample else -1
             except (UnicodeDecodeError, ValueError):
                 label = -1
-            yield eval_transform(image, image_size), label, caption, sample["__key__"]
+            yield eval_pixels(image, image_size), label, caption, sample["__key__"]
 
 
 def iter_eval_batches(shards: Sequence[str], *, image_size: int, batch_size: int,
@@ -87,7 +87,7 @@ def _folder_samples(root: Path, image_size: int, skips: SkipCounter) -> Iterator
             if reason is not None:
                 skips.add(reason, str(path))
                 continue
-            yield eval_transform(image, image_size), label, "", f"{name}/{path.name}"
+            yield eval_pixels(image, image_size), label, "", f"{name}/{path.name}"
 
 
 def iter_folder_batches(root: Path, *, image_size: int, batch_size: int,

@@ -35,7 +35,7 @@ from webdataset.filters import _shuffle
 from megapgs.config import DataConfig
 from megapgs.data.faults import DataError, FruitlessReads, SkipCounter, check_caption, decode_image, image_member
 from megapgs.data.shards import count_samples, read_shard
-from megapgs.data.transforms import derive_seed, eval_transform, train_transform
+from megapgs.data.transforms import derive_seed, eval_pixels, normalize, train_pixels
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "megapgs-wds-loader/1"
@@ -97,7 +97,7 @@ def _raw_samples(shards: list[str], skips: SkipCounter, fruitless: FruitlessRead
 def _collate(pixels: list[torch.Tensor], captions: list[str], keys: list[str], epochs: list[int],
              tokenizer) -> dict:
     tokens_BC, lengths = tokenizer(captions)
-    return {"images": torch.stack(pixels), "tokens": tokens_BC, "text_lengths": lengths,
+    return {"images": normalize(torch.stack(pixels)), "tokens": tokens_BC, "text_lengths": lengths,
             "keys": keys, "epochs": epochs}
 
 
@@ -135,9 +135,9 @@ def worker_stream(spec: StreamSpec, tokenizer, worker: int, start: tuple[int, in
             fruitless.good_sample()
             if spec.augment:
                 crop_rng = random.Random(derive_seed(spec.seed, "crop", spec.rank, worker, epoch, taken))
-                pixels.append(train_transform(image, spec.image_size, spec.crop_scale, crop_rng))
+                pixels.append(train_pixels(image, spec.image_size, spec.crop_scale, crop_rng))
             else:
-                pixels.append(eval_transform(image, spec.image_size))
+                pixels.append(eval_pixels(image, spec.image_size))
             captions.append(caption)
             keys.append(sample["__key__"])
             epochs.append(epoch)

@@ -6,7 +6,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from megapgs.data.transforms import crop_params, derive_seed, eval_transform, train_transform
+from megapgs.data.transforms import crop_params, derive_seed, eval_pixels, eval_transform, normalize, train_transform
 
 
 def _image(width=64, height=48) -> Image.Image:
@@ -42,3 +42,31 @@ def test_train_transform_is_seeded_per_sample():
     other = train_transform(image, 32, (0.5, 1.0), random.Random(derive_seed(0, "crop", 8)))
     assert first.shape == (3, 32, 32) and torch.equal(first, again) and not torch.equal(first, other)
     assert derive_seed(0, "crop", 7) == 4657982541655453768  # the same in every process and run (no salted hash())
+
+
+def _old_normalized_tensor(image: Image.Image) -> torch.Tensor:
+    """What the loaders did per image before they normalised per batch: torchvision's two calls."""
+    import torchvision.transforms.functional as TF
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return TF.normalize(TF.to_tensor(image), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+
+
+def test_a_batch_normalised_at_once_equals_its_images_one_by_one():
+    images = [_image(40 + i, 30 + 2 * i) for i in range(5)]
+    pixels = torch.stack([eval_pixels(image, 24) for image in images])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (5, 3, 24, 24)
+    one_by_one = torch.stack([_old_normalized_tensor(_resized_and_cropped(image, 24)) for image in images])
+    assert torch.equal(normalize(pixels), one_by_one)  # bit for bit
+
+
+def _resized_and_cropped(image: Image.Image, size: int) -> Image.Image:
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    return TF.center_crop(TF.resize(image, size, interpolation=InterpolationMode.BICUBIC), [size, size])
+
+
+def test_an_image_of_the_right_size_is_not_resampled():
+    image = _image(24, 24)
+    assert torch.equal(eval_pixels(image, 24), torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
