@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from megapgs.config import ConfigError, load_config  # noqa: E402
+from megapgs.config import ConfigError  # noqa: E402
 from megapgs.dist import init_distributed  # noqa: E402
 from megapgs.perf.flops import peak_flops  # noqa: E402
-from megapgs.perf.profile import Timing, photo_batches, profile_megapgs, profile_openclip  # noqa: E402
+from megapgs.perf.profile import (ProfileConfigs, Timing, profile_batches, profile_megapgs,  # noqa: E402
+                                  profile_openclip)
 from megapgs.perf.timers import device_label  # noqa: E402
 
 # the step's stages (StageTimer names) and their column titles; forward = PGS + both towers
@@ -53,24 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def batches_for(args, cfg, dist, spec, batch: int):
-    from megapgs.data.tokenizer import Tokenizer
-
-    if args.data == "photos":
-        return photo_batches(spec, batch, Tokenizer(cfg.model.arch), dist.device)
-    if args.data == "synthetic":
-        from megapgs.data.synthetic import build_synthetic_loader
-
-        return iter(build_synthetic_loader(batch_size=batch, image_size=spec.vision.image_size,
-                                           context_length=spec.text.context_length, device=dist.device))
-    from megapgs.data.prepare import prepare_data
-    from megapgs.train.inputs import build_loader
-    from megapgs.train.plan import plan_run
-
-    data = prepare_data(cfg, dist)
-    return iter(build_loader(cfg, data, plan_run(cfg, dist, data), dist, Tokenizer(cfg.model.arch)))
-
-
 def row(timing: Timing, peak: float | None) -> str:
     mfu = timing.mfu(peak)
     memory = f"{timing.peak_memory_gib:8.2f}" if timing.peak_memory_gib is not None else "       -"
@@ -86,20 +68,13 @@ def main(argv=None) -> int:
     if dist.world_size > 1:
         print("error: the profiler times one device; run it without a multi-rank launcher", file=sys.stderr)
         return 2
-    workdir = tempfile.mkdtemp(prefix="megapgs-profile-")
-    base = load_config(args.config, args.overrides)
-    batch = args.batch or base.train.micro_batch_size
-    forced = [f"train.micro_batch_size={batch}", f"train.global_batch_size={batch}", "train.steps=1000000",
-              "train.epochs=null", "pgs.unmasked_tail=0", "eval.zeroshot=false", "eval.retrieval=false",
-              "log.tensorboard=false", "log.progress=false", f"train.output_dir={workdir}"]
-
-    def config(*extra: str):
-        try:
-            return load_config(args.config, [*args.overrides, *forced, *extra])
-        except ConfigError as err:
-            sys.exit(f"error: {err}")
-
-    cfg = config()
+    try:
+        configs = ProfileConfigs(args.config, args.overrides, args.batch)
+        cfg = configs()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    batch = configs.batch
     from megapgs.models.archs import get_arch
 
     spec = get_arch(cfg.model.arch)
@@ -108,17 +83,15 @@ def main(argv=None) -> int:
     print(f"# {device_label(device)}; {cfg.model.arch} (L={spec.vision.num_patches}), batch {batch}, {cfg.precision}, "
           f"data {args.data}, masking {cfg.pgs.masking} (r_min {cfg.pgs.min_mask_ratio:g}), median of {args.steps} "
           f"steps after {args.warmup}")
-    batches = batches_for(args, cfg, dist, spec, batch)
+    batches = profile_batches(args.data, cfg, dist, batch)
     timings = [profile_megapgs(cfg, dist, batches, f"megapgs {cfg.pgs.masking}", args.steps, args.warmup,
                                args.progress, args.trace)]
     share = timings[0].kept_share
     if cfg.pgs.masking == "pgs":  # the implementation at PGS's token count: random masking keeping that share
-        random_at_share = config("pgs.masking=random", f"pgs.min_mask_ratio={1 - share:.6f}",
-                                 f"pgs.min_keep_ratio={min(share, cfg.pgs.min_keep_ratio):.6f}")
-        timings.append(profile_megapgs(random_at_share, dist, batches, f"megapgs random @{share:.2f}", args.steps,
-                                       args.warmup, args.progress))
+        timings.append(profile_megapgs(configs.random_keeping(share), dist, batches, f"megapgs random @{share:.2f}",
+                                       args.steps, args.warmup, args.progress))
     if cfg.pgs.masking != "none":
-        timings.append(profile_megapgs(config("pgs.masking=none"), dist, batches, "megapgs unmasked", args.steps,
+        timings.append(profile_megapgs(configs("pgs.masking=none"), dist, batches, "megapgs unmasked", args.steps,
                                        args.warmup, args.progress))
     if args.baseline == "openclip":
         fixed = next(batches)

@@ -82,7 +82,59 @@ def _median_stages(per_step: list[dict[str, float]]) -> dict[str, float]:
     return {name: statistics.median(stages.get(name, 0.0) for stages in per_step) for name in names}
 
 
-# ----------------------------------------------------------------------------- inputs
+# ----------------------------------------------------------------------------- configs and inputs
+
+class ProfileConfigs:
+    """The run config of a profile, and its variants: one optimizer step per call at `batch` images
+    (default: the config's micro-batch), masked throughout (no unmasked tail), no evaluation, nothing
+    written but into a temporary folder. `configs(*extra)` adds `--set`-style overrides."""
+
+    def __init__(self, path: str | None, overrides: list[str], batch: int | None):
+        import tempfile
+
+        from megapgs.config import load_config
+
+        self.path, self.overrides = path, list(overrides)
+        self.batch = batch or load_config(path, self.overrides).train.micro_batch_size
+        self.forced = [f"train.micro_batch_size={self.batch}", f"train.global_batch_size={self.batch}",
+                       "train.steps=1000000", "train.epochs=null", "pgs.unmasked_tail=0", "eval.zeroshot=false",
+                       "eval.retrieval=false", "log.tensorboard=false", "log.progress=false",
+                       f"train.output_dir={tempfile.mkdtemp(prefix='megapgs-profile-')}"]
+
+    def __call__(self, *extra: str) -> Config:
+        from megapgs.config import load_config
+
+        return load_config(self.path, [*self.overrides, *self.forced, *extra])
+
+    def random_keeping(self, share: float) -> Config:
+        """Random masking (FLIP) that keeps `share` of the patches: the implementation at a token count."""
+        min_keep = min(share, self().pgs.min_keep_ratio)
+        return self("pgs.masking=random", f"pgs.min_mask_ratio={1 - share:.6f}", f"pgs.min_keep_ratio={min_keep:.6f}")
+
+
+def profile_batches(kind: str, cfg: Config, dist: DistInfo, batch: int) -> Iterator[Batch]:
+    """Endless batches for a profile: `photos` (scikit-image's, short real captions), `synthetic`
+    (random tensors made on the device) or `shards` (the configured loader, DALI on a GPU)."""
+    from megapgs.data.tokenizer import Tokenizer
+    from megapgs.models.archs import get_arch
+
+    spec = get_arch(cfg.model.arch)
+    if kind == "photos":
+        return photo_batches(spec, batch, Tokenizer(cfg.model.arch), dist.device)
+    if kind == "synthetic":
+        from megapgs.data.synthetic import build_synthetic_loader
+
+        return iter(build_synthetic_loader(batch_size=batch, image_size=spec.vision.image_size,
+                                           context_length=spec.text.context_length, device=dist.device))
+    if kind != "shards":
+        raise ValueError(f"unknown profile data {kind!r}; allowed: photos, synthetic, shards")
+    from megapgs.data.prepare import prepare_data
+    from megapgs.train.inputs import build_loader
+    from megapgs.train.plan import plan_run
+
+    data = prepare_data(cfg, dist)
+    return iter(build_loader(cfg, data, plan_run(cfg, dist, data), dist, Tokenizer(cfg.model.arch)))
+
 
 def photo_batches(spec: ArchSpec, batch: int, tokenizer, device: torch.device) -> Iterator[Batch]:
     """scikit-image's photos tiled to the batch (every other one mirrored) with short real captions:
