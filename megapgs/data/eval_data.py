@@ -30,7 +30,7 @@ def batch_eval_samples(samples: Iterable[EvalSample], batch_size: int) -> Iterat
 
     def stacked() -> EvalBatch:
         images, labels, captions, keys = zip(*rows)
-        return normalize(torch.stack(images)), torch.tensor(labels, dtype=torch.int64), list(captions), list(keys)
+        return normalize(images), torch.tensor(labels, dtype=torch.int64), list(captions), list(keys)
 
     for sample in samples:
         rows.append(sample)

@@ -97,7 +97,7 @@ def _raw_samples(shards: list[str], skips: SkipCounter, fruitless: FruitlessRead
 def _collate(pixels: list[torch.Tensor], captions: list[str], keys: list[str], epochs: list[int],
              tokenizer) -> dict:
     tokens_BC, lengths = tokenizer(captions)
-    return {"images": normalize(torch.stack(pixels)), "tokens": tokens_BC, "text_lengths": lengths,
+    return {"images": normalize(pixels), "tokens": tokens_BC, "text_lengths": lengths,
             "keys": keys, "epochs": epochs}
 
 
