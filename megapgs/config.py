@@ -125,6 +125,11 @@ class DataConfig(_Section):
     augment: bool = Field(True, description="random resized crop in training (OpenCLIP's train transform)")
     crop_scale: tuple[float, float] = Field((0.9, 1.0), description="area range of the random resized crop")
     shard_size: int = Field(5000, ge=1, description="samples per shard when megapgs writes shards")
+    index_dir: str | None = Field(
+        None, description="where a run indexes shards given without a manifest (default: beside the shards, "
+                          "else in the run's folder); better: tools/index_shards.py once")
+    dali_window_shards: int = Field(
+        64, ge=1, description="shards one DALI reader holds at a time (host memory: about 300 bytes a sample)")
 
     @field_validator("crop_scale")
     @classmethod

@@ -27,7 +27,8 @@ from PIL import Image  # noqa: E402
 
 from megapgs.config import DataConfig  # noqa: E402
 from megapgs.data.photos import PHOTOS, load_photo  # noqa: E402
-from megapgs.data.shards import write_shards  # noqa: E402
+from megapgs.data.shard_index import read_index_manifest  # noqa: E402
+from megapgs.data.shards import MANIFEST, write_shards  # noqa: E402
 from megapgs.data.tokenizer import Tokenizer  # noqa: E402
 from megapgs.data.wds import build_train_loader  # noqa: E402
 
@@ -52,15 +53,15 @@ def build(kind: str, device: str, cfg: DataConfig, shards: list[str], batch_size
     common = dict(image_size=224, tokenizer=Tokenizer("ViT-B-16"), batch_size=batch_size, rank=0, world_size=1, seed=0)
     if kind == "wds":
         return build_train_loader(cfg, shards, **common)
-    from megapgs.train.inputs import EndlessFullBatches
-
+    indexed, _ = read_index_manifest(Path(shards[0]).parent / MANIFEST)  # make_shards's: checked indexes
     if kind == "dali":
         from megapgs.data.dali import build_dali_loader
 
-        return EndlessFullBatches(build_dali_loader(cfg, shards, device=device, **common), batch_size)
+        return build_dali_loader(cfg, indexed, device=device, **common)
     from megapgs.data.nvjpeg import build_nvjpeg_loader
+    from megapgs.train.inputs import EndlessFullBatches
 
-    return EndlessFullBatches(build_nvjpeg_loader(cfg, shards, device=device, **common), batch_size)
+    return EndlessFullBatches(build_nvjpeg_loader(cfg, indexed, device=device, **common), batch_size)
 
 
 def images_per_second(kind: str, device: str, root: str, shards: list[str], workers: int, batch_size: int,
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # the loader's work is PIL's; keep torch from fanning out over the cores
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as folder:
         write_shards(photo_samples(args.samples), Path(folder), shard_size=64, total=args.samples,
-                     description="224-px JPEG shards")
+                     description="224-px JPEG shards", checked=True)  # made here from good JPEGs
         shards = [str(p) for p in sorted(Path(folder).glob("*.tar"), key=lambda p: int(p.stem))]
         print(f"command: python tools/bench_loader.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
         print(f"{args.loader} loader on {args.device}: {args.samples} JPEGs of 224x224 in {len(shards)} shards; "

@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     caption_column = pick_column(rows, args.caption_column, CAPTION_COLUMNS, "caption")
     skips = SkipCounter()
     samples = folder_samples(rows, args.images_dir, image_column, caption_column, skips, not args.no_check_images)
-    manifest = write_shards(samples, args.out, args.shard_size, total=len(rows), description="writing shards")
+    manifest = write_shards(samples, args.out, args.shard_size, total=len(rows), description="writing shards",
+                           checked=not args.no_check_images)
     print_summary(manifest, args.out, skips)
     if manifest["samples"] == 0:
         print("error: no row made a sample; see the skip reasons above", file=sys.stderr)

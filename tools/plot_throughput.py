@@ -19,9 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megapgs.config import ConfigError  # noqa: E402
-from megapgs.dist import init_distributed  # noqa: E402
-from megapgs.perf.profile import ProfileConfigs, Timing, profile_batches, profile_megapgs, profile_openclip  # noqa: E402
+from megapgs.perf.profile import (Timing, profile_batches, profile_megapgs, profile_openclip,  # noqa: E402
+                                  start_profile)
 from megapgs.perf.timers import device_label  # noqa: E402
 
 
@@ -69,16 +68,8 @@ def plot(curves: dict[str, list[Timing]], pgs: Timing | None, title: str, out: P
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    dist = init_distributed()
-    if dist.world_size > 1:
-        print("error: the sweep times one device; run it without a multi-rank launcher", file=sys.stderr)
-        return 2
-    try:
-        configs = ProfileConfigs(args.config, args.overrides, args.batch)
-        cfg = configs()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    dist, configs = start_profile(args.config, args.overrides, args.batch, "the sweep")
+    cfg = configs()
     from megapgs.models.archs import get_arch
 
     spec = get_arch(cfg.model.arch)

@@ -25,11 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from megapgs.config import ConfigError  # noqa: E402
-from megapgs.dist import init_distributed  # noqa: E402
 from megapgs.perf.flops import peak_flops  # noqa: E402
-from megapgs.perf.profile import (ProfileConfigs, Timing, profile_batches, profile_megapgs,  # noqa: E402
-                                  profile_openclip)
+from megapgs.perf.profile import (Timing, profile_batches, profile_megapgs, profile_openclip,  # noqa: E402
+                                  start_profile)
 from megapgs.perf.timers import device_label  # noqa: E402
 
 # the step's stages (StageTimer names) and their column titles; forward = PGS + both towers
@@ -64,16 +62,8 @@ def row(timing: Timing, peak: float | None) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    dist = init_distributed()
-    if dist.world_size > 1:
-        print("error: the profiler times one device; run it without a multi-rank launcher", file=sys.stderr)
-        return 2
-    try:
-        configs = ProfileConfigs(args.config, args.overrides, args.batch)
-        cfg = configs()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    dist, configs = start_profile(args.config, args.overrides, args.batch, "the profiler")
+    cfg = configs()
     batch = configs.batch
     from megapgs.models.archs import get_arch
 

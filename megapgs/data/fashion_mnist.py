@@ -159,7 +159,7 @@ def prepare_fashion_mnist(raw_dir: Path, out_dir: Path, shard_size: int,
                 raise ValueError(f"{split}: {len(images)} images but {len(labels)} labels in {raw_dir}")
             images, labels = images[:max_samples], labels[:max_samples]
             samples = iter_samples(images, labels, CAPTION_SEED + (split == "test"), with_label=split == "test")
-            manifests[split] = write_shards(samples, staging / split, shard_size, total=len(images),
+            manifests[split] = write_shards(samples, staging / split, shard_size, total=len(images), checked=True,
                                             description=f"Fashion-MNIST {split}")
         (staging / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
         (staging / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")

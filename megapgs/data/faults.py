@@ -39,6 +39,7 @@ REASONS = (
     "tar_truncated",       # a shard cut short or corrupt from some point on (the rest of it is lost)
     "shard_missing",       # a listed shard file that does not exist or cannot be opened
     "shard_empty",         # a zero-byte shard, or a tar without a sample
+    "shard_changed",       # a shard whose size or mtime is not what its index recorded (index it again)
 )
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LOGGED_PER_REASON = 5  # each process logs the first few skips of each reason, then only counts

@@ -2,22 +2,21 @@
 batch of JPEGs at once, `torchvision.io.decode_jpeg(list_of_uint8, device="cuda")`; the crop,
 resize and normalisation run as torch ops on the same device.
 
-    checked shards ─► host thread: this rank's samples (the split and shuffle of the DALI
-                      loader), encoded bytes + tokenized captions, a batch ahead
+    indexed shards ─► host thread: this rank's shards of the epoch, through a shuffle buffer,
+                      encoded bytes + captions, a batch ahead
                    ─► decode_batch: JPEGs in one nvJPEG call, PNG/WebP on the CPU
                    ─► crop + bicubic resize (antialiased, PIL's kernel) ─► normalise
 
 With `device="cpu"` the same code decodes with libjpeg-turbo: the CPU twin the tests run.
-Samples are read from the shard checks of `dali_checks` (bad shards, captions and image bytes
-never get here); an image that still fails makes its batch fall back to one decode per image,
-and the culprit is skipped and counted.
+Samples are read through the checked shard indexes of `shard_index` (bad shards, captions and image
+bytes never get here); each rank reads its own shards (`wds.rank_epoch_shards`); an image that
+still fails makes its batch fall back to one decode per image, and the culprit is skipped and counted.
 """
 from __future__ import annotations
 
 import queue
 import random
 import threading
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -26,11 +25,10 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from megapgs.config import DataConfig
-from megapgs.data.dali_checks import CheckedShard, check_readable_shards, deep_check_image, read_checked_index
-from megapgs.data.faults import SkipCounter, check_caption
-from megapgs.data.prepare import DataError
+from megapgs.data.faults import DataError, SkipCounter, check_caption
+from megapgs.data.shard_index import IndexedShard, deep_check_image, read_index
 from megapgs.data.transforms import crop_params, derive_seed
-from megapgs.data.wds import Batch
+from megapgs.data.wds import Batch, rank_epoch_shards
 
 Tokenizer = Callable[[list[str]], tuple[torch.Tensor, list[int]]]
 HostSample = tuple[str, bytes, str]   # key, encoded image, caption
@@ -112,29 +110,30 @@ def normalize(images_B3SS: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- reading
 
-def rank_samples(checked: Sequence[CheckedShard], rank: int, world_size: int, rng: random.Random,
+def rank_samples(shards: Sequence[IndexedShard], skips: SkipCounter, rng: random.Random,
                  shuffle_buffer: int) -> Iterator[HostSample]:
-    """This rank's samples of one epoch: the range [floor(N r / W), floor(N (r+1) / W)) of the
-    checked samples in shard order (the DALI reader's split), through a shuffle buffer."""
-    listed = [(shard.path, s) for shard in checked if shard.index_path for s in read_checked_index(shard.index_path)]
-    start, stop = len(listed) * rank // world_size, len(listed) * (rank + 1) // world_size
+    """The samples of `shards` (this rank's, in reading order) through a shuffle buffer. Each shard's
+    index-time skips are counted when it is read; a shard changed since it was indexed is skipped."""
     buffer: list[HostSample] = []
-    handles: dict[Path, object] = {}
-    try:
-        for path, sample in listed[start:stop]:
-            fh = handles.get(path) or handles.setdefault(path, open(path, "rb"))
-            fh.seek(sample.image[1])
-            image = fh.read(sample.image[2])
-            fh.seek(sample.caption[1])
-            caption, _ = check_caption(fh.read(sample.caption[2]))  # checked: never None
-            buffer.append((sample.key, image, caption or ""))
-            if len(buffer) > shuffle_buffer:
-                yield buffer.pop(rng.randrange(len(buffer)) if shuffle_buffer else 0)
-        rng.shuffle(buffer)
-        yield from buffer
-    finally:
-        for fh in handles.values():
-            fh.close()
+    for shard in shards:
+        skips.merge(shard.skips)
+        reason = shard.changed()
+        if reason:
+            skips.add(reason, where=shard.path)
+            continue
+        if shard.index is None:
+            continue
+        with open(shard.path, "rb") as fh:
+            for sample in read_index(shard.index):
+                fh.seek(sample.image[1])
+                image = fh.read(sample.image[2])
+                fh.seek(sample.caption[1])
+                caption, _ = check_caption(fh.read(sample.caption[2]))  # checked: never None
+                buffer.append((sample.key, image, caption or ""))
+                if len(buffer) > shuffle_buffer:
+                    yield buffer.pop(rng.randrange(len(buffer)) if shuffle_buffer else 0)
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 def _read_ahead(items: Iterator, depth: int = 2) -> Iterator:
@@ -160,28 +159,27 @@ def _read_ahead(items: Iterator, depth: int = 2) -> Iterator:
 class NvjpegLoader:
     """Iterating it runs one epoch of this rank: `Batch`es of `batch_size` (the last one smaller)."""
 
-    def __init__(self, checked: list[CheckedShard], *, device: torch.device, image_size: int, augment: bool,
+    def __init__(self, shards: Sequence[IndexedShard], *, device: torch.device, image_size: int, augment: bool,
                  crop_scale: tuple[float, float], tokenizer: Tokenizer, batch_size: int, rank: int,
                  world_size: int, seed: int, shuffle_buffer: int):
-        self.checked, self.device, self.image_size = checked, device, image_size
+        self.shards, self.device, self.image_size = tuple(shards), device, image_size
         self.augment, self.crop_scale, self.tokenizer = augment, crop_scale, tokenizer
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.shuffle_buffer = shuffle_buffer
         self.skips = SkipCounter()
         self.epoch = 0
-        total = sum(shard.samples for shard in checked)
-        self.samples_per_epoch = total * (rank + 1) // world_size - total * rank // world_size
-        if self.samples_per_epoch == 0:
-            raise DataError(f"rank {rank} of {world_size} has no sample to read ({total} readable samples)")
+        self.samples_per_epoch = sum(shard.samples for shard in shards) // world_size
 
     def __iter__(self) -> Iterator[Batch]:
-        for i, shard in enumerate(self.checked):  # shard i's check skips are counted by rank i % W
-            if i % self.world_size == self.rank:
-                self.skips.merge(shard.skips)
         shuffle_rng = random.Random(derive_seed(self.seed, self.rank, self.epoch, "nvjpeg shuffle"))
         crop_rng = random.Random(derive_seed(self.seed, self.rank, self.epoch, "nvjpeg crops"))
         delivered = 0
-        for samples in _read_ahead(self._host_batches(shuffle_rng)):  # the shuffle runs in that thread
+        mine = [self.shards[i] for i in rank_epoch_shards(len(self.shards), self.rank, self.world_size, self.seed,
+                                                           self.epoch)]
+        for samples, skips in _read_ahead(self._host_batches(mine, shuffle_rng)):  # reads and shuffle: that thread
+            self.skips.merge(skips)
+            if not samples:
+                continue
             images, reasons = decode_batch([image for _, image, _ in samples], self.device)
             kept = [i for i, reason in enumerate(reasons) if reason is None]
             for i, reason in enumerate(reasons):
@@ -199,15 +197,18 @@ class NvjpegLoader:
                             f"({self.skips.summary()})")
         self.epoch += 1
 
-    def _host_batches(self, rng: random.Random) -> Iterator[list[HostSample]]:
+    def _host_batches(self, shards: list[IndexedShard], rng: random.Random
+                      ) -> Iterator[tuple[list[HostSample], dict[str, int]]]:
+        """(batch, skips met since the previous batch), read in the host thread: the thread's skips
+        reach the loader's counter with the batches, on the training thread."""
+        skips = SkipCounter()
         batch: list[HostSample] = []
-        for sample in rank_samples(self.checked, self.rank, self.world_size, rng, self.shuffle_buffer):
+        for sample in rank_samples(shards, skips, rng, self.shuffle_buffer):
             batch.append(sample)
             if len(batch) == self.batch_size:
-                yield batch
+                yield batch, skips.take()
                 batch = []
-        if batch:
-            yield batch
+        yield batch, skips.take()
 
     def _transform(self, image_3HW: torch.Tensor, rng: random.Random) -> torch.Tensor:
         if self.augment:
@@ -215,13 +216,17 @@ class NvjpegLoader:
         return resize_centre_crop(image_3HW, self.image_size)
 
 
-def build_nvjpeg_loader(cfg: DataConfig, shards: Sequence[str], *, image_size: int, tokenizer: Tokenizer,
+def build_nvjpeg_loader(cfg: DataConfig, shards: Sequence[IndexedShard], *, image_size: int, tokenizer: Tokenizer,
                         batch_size: int, rank: int, world_size: int, seed: int,
                         device: str | torch.device) -> NvjpegLoader:
-    """The nvJPEG loader of this rank over local `shards` (checked and cached as for DALI)."""
+    """The nvJPEG loader of this rank over the shards of a manifest (`shard_index`)."""
     if cfg.resampled:
         raise DataError("data.resampled is not supported by data.loader 'nvjpeg'; use 'dali' or 'wds'")
-    checked = check_readable_shards(shards, Path(cfg.root) / "dali_checked", threads=max(1, cfg.workers))
-    return NvjpegLoader(checked, device=torch.device(device), image_size=image_size, augment=cfg.augment,
+    if not shards or not any(s.samples for s in shards):
+        raise DataError(f"no readable sample in the {len(shards)} indexed shards; check data.train_shards")
+    if len(shards) < world_size:
+        raise DataError(f"data.train_shards: {len(shards)} shards cannot feed {world_size} ranks (each rank reads "
+                        "its own shards); write smaller shards")
+    return NvjpegLoader(shards, device=torch.device(device), image_size=image_size, augment=cfg.augment,
                         crop_scale=tuple(cfg.crop_scale), tokenizer=tokenizer, batch_size=batch_size, rank=rank,
                         world_size=world_size, seed=seed, shuffle_buffer=cfg.shuffle_buffer)

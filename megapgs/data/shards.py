@@ -22,7 +22,9 @@ from megapgs.data.faults import SkipCounter
 from megapgs.log import console
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "megapgs-shards/1"
+MANIFEST_FORMAT = "megapgs-shards/2"     # checked indexes, with each shard's size, mtime and skips
+UNCHECKED_FORMAT = "megapgs-shards/1"    # shards and counts only (and make_shards's before 2026-12-03)
+READABLE_FORMATS = (UNCHECKED_FORMAT, MANIFEST_FORMAT)
 
 
 def progress_bar() -> Progress:
@@ -31,11 +33,15 @@ def progress_bar() -> Progress:
 
 
 def write_shards(samples: Iterable[dict], out_dir: Path, shard_size: int, total: int | None = None,
-                 description: str = "writing shards") -> dict:
+                 description: str = "writing shards", checked: bool = False) -> dict:
     """Write `samples` (webdataset dicts with a `__key__`) into `out_dir`; return the manifest.
 
     Shards hold `shard_size` samples each (the last one fewer). A progress bar shows the count.
-    Each shard gets its DALI index (`{i}.idx`) once it is complete.
+    Each shard gets its DALI index (`{i}.idx`) once it is complete. `checked`: the caller checked
+    every sample as the loaders would (`tools/make_shards.py` does), so the manifest says the indexes
+    are checked ones (format /2, with each shard's size and mtime) and the GPU loaders take them as
+    they are; otherwise the manifest lists the shards and counts (format /1) and a GPU run indexes
+    them first (`shard_index`).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     counts: list[int] = []  # samples per shard, in shard order
@@ -49,13 +55,16 @@ def write_shards(samples: Iterable[dict], out_dir: Path, shard_size: int, total:
                 bar.update(task, rate=f"shard {shard_index}")
             counts[shard_index] += 1
             bar.advance(task)
-    for i in range(len(counts)):
+    entries = []
+    for i, count in enumerate(counts):
         write_dali_index(out_dir / f"{i}.tar", out_dir / f"{i}.idx")
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "samples": sum(counts),
-        "shards": [{"path": f"{i}.tar", "samples": n, "index": f"{i}.idx"} for i, n in enumerate(counts)],
-    }
+        entry = {"path": f"{i}.tar", "samples": count, "index": f"{i}.idx"}
+        if checked:  # every sample was checked: the full index is the checked one
+            stat = (out_dir / f"{i}.tar").stat()
+            entry.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns, skips={})
+        entries.append(entry)
+    manifest = {"format": MANIFEST_FORMAT if checked else UNCHECKED_FORMAT, "samples": sum(counts),
+                "shards": entries}
     write_json_atomic(out_dir / MANIFEST, manifest)
     (out_dir / "nshards.txt").write_text(f"{len(counts)}\n")
     return manifest
@@ -97,11 +106,14 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read shard manifest {path}: {err}") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
+    if manifest.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path} is not a megapgs shard manifest (format {manifest.get('format')!r})")
+    folder = Path(path).resolve().parent
     for shard in manifest["shards"]:
         if "://" not in shard["path"] and not shard["path"].startswith("pipe:"):
-            shard["path"] = str((path.parent / shard["path"]).resolve())
+            shard["path"] = str((folder / shard["path"]).resolve())
+        if shard.get("index"):
+            shard["index"] = str((folder / shard["index"]).resolve())
     return manifest
 
 

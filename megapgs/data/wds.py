@@ -34,7 +34,7 @@ from webdataset.filters import _shuffle
 
 from megapgs.config import DataConfig
 from megapgs.data.faults import DataError, FruitlessReads, SkipCounter, check_caption, decode_image, image_member
-from megapgs.data.shards import count_samples, read_shard
+from megapgs.data.shards import read_shard
 from megapgs.data.transforms import derive_seed, eval_pixels, normalize, train_pixels
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,14 @@ def _share(count: int, index: int, parts: int) -> int:
     return len(range(index, count, parts))
 
 
+def rank_epoch_shards(count: int, rank: int, world_size: int, seed: int, epoch: int) -> list[int]:
+    """Which of `count` shards rank `rank` reads in `epoch` (non-resampled), in reading order: every
+    W-th of a permutation drawn from (seed, epoch), the same on every rank and every loader."""
+    order = list(range(count))
+    random.Random(derive_seed(seed, "shards", epoch)).shuffle(order)
+    return order[rank::world_size]
+
+
 def epoch_shards(spec: StreamSpec, epoch: int, worker: int) -> list[str]:
     """The shards worker `worker` of rank `spec.rank` reads in `epoch`, in reading order."""
     rank_count = _share(len(spec.shards), spec.rank, spec.world_size)
@@ -83,9 +91,8 @@ def epoch_shards(spec: StreamSpec, epoch: int, worker: int) -> list[str]:
     if spec.resampled:
         rng = random.Random(derive_seed(spec.seed, "resampled", spec.rank, worker, epoch))
         return [rng.choice(spec.shards) for _ in range(max(count, 1))]
-    order = list(spec.shards)
-    random.Random(derive_seed(spec.seed, "shards", epoch)).shuffle(order)
-    return order[spec.rank::spec.world_size][worker::spec.workers]
+    mine = rank_epoch_shards(len(spec.shards), spec.rank, spec.world_size, spec.seed, epoch)
+    return [spec.shards[i] for i in mine[worker::spec.workers]]
 
 
 def _raw_samples(shards: list[str], skips: SkipCounter, fruitless: FruitlessReads) -> Iterator[dict]:
@@ -178,10 +185,10 @@ class TrainLoader:
     """Endless `Batch`es of one rank. `skips` holds the skip counts of the delivered batches,
     merged over workers (all-reduce them over ranks with `skips.all_reduced()`)."""
 
-    def __init__(self, spec: StreamSpec, tokenizer, samples_per_epoch: int, timeout_s: float, processes: int):
+    def __init__(self, spec: StreamSpec, tokenizer, samples_per_epoch: int | None, timeout_s: float, processes: int):
         self.spec, self.tokenizer, self.timeout_s = spec, tokenizer, timeout_s
         self.processes = processes          # DataLoader worker processes: 0 (read in this process) or spec.workers
-        self.samples_per_epoch = samples_per_epoch   # the whole set's samples as written, all ranks
+        self.samples_per_epoch = samples_per_epoch   # the whole set's samples (all ranks), when known
         self.skips = SkipCounter()          # all delivered batches' skips
         self.skips_by_epoch: dict[int, SkipCounter] = {}  # complete for epochs < min(position epochs)
         self.positions: list[tuple[int, int]] = [(0, 0)] * spec.workers  # per logical worker
@@ -261,8 +268,9 @@ class TrainLoader:
 
 
 def build_train_loader(cfg: DataConfig, shards: Sequence[str], *, image_size: int, tokenizer, batch_size: int,
-                       rank: int, world_size: int, seed: int) -> TrainLoader:
-    """The CPU training loader of one rank over local `shards` (`DataPlan.train_urls`)."""
+                       rank: int, world_size: int, seed: int, samples_per_epoch: int | None = None) -> TrainLoader:
+    """The CPU training loader of one rank over `shards` (`DataPlan.train_urls`); `samples_per_epoch`:
+    the set's size when a manifest or the config tells it (nothing is counted here)."""
     if not shards:
         raise DataError("data.train_shards: no shards to read")
     rank_shards = _share(len(shards), rank, world_size)
@@ -276,5 +284,5 @@ def build_train_loader(cfg: DataConfig, shards: Sequence[str], *, image_size: in
     spec = StreamSpec(shards=tuple(str(s) for s in shards), rank=rank, world_size=world_size, workers=workers,
                       seed=seed, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer, batch_size=batch_size,
                       image_size=image_size, augment=cfg.augment, crop_scale=tuple(cfg.crop_scale))
-    samples = cfg.samples_per_epoch or count_samples(spec.shards)
+    samples = cfg.samples_per_epoch or samples_per_epoch
     return TrainLoader(spec, tokenizer, samples, cfg.timeout_s, processes=workers if cfg.workers else 0)

@@ -112,6 +112,26 @@ class ProfileConfigs:
         return self("pgs.masking=random", f"pgs.min_mask_ratio={1 - share:.6f}", f"pgs.min_keep_ratio={min_keep:.6f}")
 
 
+def start_profile(config: str | None, overrides: list[str], batch: int | None, tool: str) -> tuple[DistInfo, ProfileConfigs]:
+    """One process on one device and the profile's configs, or exit 2 with the reason (a tool's start)."""
+    import sys
+
+    from megapgs.config import ConfigError
+    from megapgs.dist import init_distributed
+
+    dist = init_distributed()
+    if dist.world_size > 1:
+        print(f"error: {tool} times one device; run it without a multi-rank launcher", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        configs = ProfileConfigs(config, overrides, batch)
+        configs()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return dist, configs
+
+
 def profile_batches(kind: str, cfg: Config, dist: DistInfo, batch: int) -> Iterator[Batch]:
     """Endless batches for a profile: `photos` (scikit-image's, short real captions), `synthetic`
     (random tensors made on the device) or `shards` (the configured loader, DALI on a GPU)."""

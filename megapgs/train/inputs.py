@@ -5,19 +5,21 @@
                                     or webdataset + PIL (wds, or auto otherwise)
     synthetic                   ->  random tensors made on the device (model throughput alone)
 
+`auto` falls back to webdataset + PIL, with one warning that says why, when DALI is installed but
+cannot load or start here (a driver too old for its CUDA, say); a DALI asked for by name fails.
+
 Synthetic samples are keyed by their index in the global stream, so runs with different numbers
 of ranks or accumulation steps see the same samples in each step (the invariance checks).
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 from typing import Iterator
 
 import torch
 
 from megapgs.config import Config
-from megapgs.data.prepare import DataPlan
+from megapgs.data.prepare import DataError, DataPlan, loader_backend
 from megapgs.dist import DistInfo
 from megapgs.train.plan import RunPlan
 
@@ -25,11 +27,10 @@ log = logging.getLogger(__name__)
 
 
 class EndlessFullBatches:
-    """Epoch after epoch of a loader whose iteration is one epoch (DALI, nvJPEG), full batches
-    only: every rank gathers the same number of rows. Its position is only the epoch count: a
-    resumed run starts a fresh pass in a fresh order, so samples of the interrupted epoch may
-    repeat or be missed (exact resume is the webdataset loader's; DALI's checkpointing is not
-    wired in yet)."""
+    """Epoch after epoch of a loader whose iteration is one epoch (nvJPEG), full batches only:
+    every rank gathers the same number of rows. Its position is only the epoch count: a resumed run
+    starts a fresh pass in a fresh order, so samples of the interrupted epoch may repeat or be missed
+    (exact resume is the webdataset and DALI loaders')."""
 
     def __init__(self, loader, batch_size: int):
         self.loader, self.batch_size = loader, batch_size
@@ -65,25 +66,13 @@ def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | N
     return tensor.to(device, dtype, non_blocking=True)
 
 
-def loader_backend(cfg: Config, dist: DistInfo) -> str:
-    """'dali', 'wds' or 'synthetic' for this run on this device."""
-    if cfg.data.source == "synthetic":
-        return "synthetic"
-    if cfg.data.loader == "auto":
-        has_dali = importlib.util.find_spec("nvidia.dali") is not None
-        return "dali" if dist.device.type == "cuda" and has_dali else "wds"
-    if cfg.data.loader == "nvjpeg" and dist.device.type != "cuda":
-        raise ValueError("data.loader 'nvjpeg' decodes on a CUDA device; this run has none (use 'wds' or 'dali')")
-    return cfg.data.loader
-
-
 def build_loader(cfg: Config, data: DataPlan, plan: RunPlan, dist: DistInfo, tokenizer):
     backend = loader_backend(cfg, dist)
     image_size = plan.arch.vision.image_size
     common = dict(image_size=image_size, tokenizer=tokenizer, batch_size=plan.micro_batch_size,
                   rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed)
-    log.info("data: %s loader", backend)
     if backend == "synthetic":
+        log.info("data: synthetic loader")
         from megapgs.data.synthetic import build_synthetic_loader
 
         # 4 global batches of distinct samples, however the batch is split (invariance checks)
@@ -92,15 +81,27 @@ def build_loader(cfg: Config, data: DataPlan, plan: RunPlan, dist: DistInfo, tok
                                       seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size,
                                       distinct_samples=4 * plan.global_batch_size)
     if backend == "dali":
-        from megapgs.data.dali import build_dali_loader
+        try:
+            from megapgs.data.dali import build_dali_loader
 
-        return EndlessFullBatches(build_dali_loader(cfg.data, list(data.train_urls), device=dist.device, **common),
-                                  plan.micro_batch_size)
+            loader = build_dali_loader(cfg.data, data.train_index or (), device=dist.device, **common)
+            loader.probe()
+            log.info("data: DALI loader (%s decoding)", loader.device)
+            return loader
+        except DataError:
+            raise  # the data, not the library: the same on any loader
+        except (ImportError, OSError, RuntimeError) as err:  # the library or the driver
+            if cfg.data.loader != "auto":
+                raise
+            log.warning("data: DALI is installed but cannot run here (%s: %s); data.loader auto falls back to the "
+                        "webdataset + PIL loader", type(err).__name__, str(err).strip().splitlines()[0][:300])
     if backend == "nvjpeg":
         from megapgs.data.nvjpeg import build_nvjpeg_loader
 
-        return EndlessFullBatches(build_nvjpeg_loader(cfg.data, list(data.train_urls), device=dist.device, **common),
+        log.info("data: nvJPEG loader")
+        return EndlessFullBatches(build_nvjpeg_loader(cfg.data, data.train_index or (), device=dist.device, **common),
                                   plan.micro_batch_size)
     from megapgs.data.wds import build_train_loader
 
-    return build_train_loader(cfg.data, list(data.train_urls), **common)
+    log.info("data: webdataset + PIL loader")
+    return build_train_loader(cfg.data, list(data.train_urls), samples_per_epoch=data.train_samples, **common)

@@ -124,7 +124,7 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: Sta
             tokens = to_device(batch.tokens, device)
             timer.stop("data")
             keep = pgs_masker(cfg, plan, dist, step, micro, progress, timer) if masked else None
-            taken.append(MicroBatch(images, tokens, batch.text_lengths, keep))
+            taken.append(MicroBatch(images, tokens, batch.text_lengths, keep, tuple(batch.keys)))
             yield taken[-1]
 
     with bar:
@@ -135,7 +135,7 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: Sta
             out = train_step(micro_batches(step, progress_at(step, plan.total_steps), taken))
             for mb in taken:  # after the step: each masker holds the selection its forward drew
                 window.add_micro_batch(mb.keep.selection if mb.keep is not None else None, mb.images.shape[0],
-                                       mb.text_lengths)
+                                       mb.text_lengths, mb.keys)
             window.add_step(out.loss, out.logit_scale, plan.global_batch_size)
             samples_seen += plan.global_batch_size
             done = step + 1

@@ -42,6 +42,7 @@ class MicroBatch:
     tokens: torch.Tensor            # (B, C) on the device
     text_lengths: list[int]         # host: tokens up to each EOT
     keep: object | None             # the tower's keep function (PatchMasker); None: unmasked
+    keys: tuple[str, ...] = ()      # host: the samples' keys (the window's samples checksum)
 
 
 class StepOutput(NamedTuple):

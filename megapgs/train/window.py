@@ -1,13 +1,15 @@
 """The metrics of the steps since the last log point, kept on the device until they are fetched.
 
 Nothing here reads the device during a step: losses, keep ratios, mask checksums and the image
-token counts that FLOPs need accumulate as device tensors (text lengths are host ints from the
-loader). `fetch`, every `log.every_steps` steps, reduces them over ranks with the loader's skip
+token counts that FLOPs need accumulate as device tensors (text lengths and a checksum of the sample
+keys are host ints from the loader). `fetch`, every `log.every_steps` steps, reduces them over ranks with the loader's skip
 counts in one collective and reads them in one transfer: the only sync of the loop.
 """
 from __future__ import annotations
 
+import hashlib
 import time
+from typing import Sequence
 
 import torch
 
@@ -30,13 +32,16 @@ class Window:
         self.micro_batches = self.steps = self.samples = 0
         self.images = self.texts = self.text_tokens = self.text_sq = 0
         self.stream_tokens = 0  # rows of the image streams, a token budget's padding included
+        self.keys_checksum = 0  # the sample keys seen (a 20-bit hash each, summed: exact in float64 sums)
         self.started = time.perf_counter()
 
     def _add(self, name: str, value: torch.Tensor | float) -> None:
         self.sums[_DEVICE_SUMS.index(name)] += value
 
-    def add_micro_batch(self, selection, batch_size: int, text_lengths: list[int]) -> None:
-        """One micro-batch: its Selection (None when unmasked) and its caption lengths."""
+    def add_micro_batch(self, selection, batch_size: int, text_lengths: list[int], keys: Sequence[str] = ()) -> None:
+        """One micro-batch: its Selection (None when unmasked), its caption lengths and sample keys."""
+        self.keys_checksum += sum(int.from_bytes(hashlib.blake2b(k.encode(), digest_size=3).digest(), "little") >> 4
+                                  for k in keys)
         self.micro_batches += 1
         self.images += batch_size
         self.texts += len(text_lengths)
@@ -67,15 +72,16 @@ class Window:
     def fetch(self, dist: DistInfo, skips: SkipCounter, peak_flops: float | None) -> dict[str, float]:
         """Reduce over ranks and read on the host, with the loader's skip counts (one collective)."""
         host = torch.tensor([self.images, self.texts, self.text_tokens, self.text_sq, self.stream_tokens,
-                             *(skips.counts[r] for r in REASONS)], dtype=torch.float64)
+                             self.keys_checksum, *(skips.counts[r] for r in REASONS)], dtype=torch.float64)
         values = all_reduce_sum(torch.cat([self.sums, host.to(self.device)]), dist).tolist()
         sums = dict(zip(_DEVICE_SUMS, values))
-        images, texts, text_tokens, text_sq, stream_tokens, *skipped = values[len(_DEVICE_SUMS):]
+        images, texts, text_tokens, text_sq, stream_tokens, keys_checksum, *skipped = values[len(_DEVICE_SUMS):]
         seconds = time.perf_counter() - self.started
         steps, W = max(self.steps, 1), dist.world_size
         metrics = {
             "loss": sums["loss"] / steps / W, "keep_ratio": sums["keep"] / max(self.micro_batches, 1) / W,
             "logit_scale": sums["logit_scale"] / steps / W, "mask_checksum": sums["mask_checksum"],
+            "samples_checksum": int(keys_checksum),  # equal sample keys, equal sums (exact-resume checks)
             "samples_per_s": self.samples / seconds, "image_tokens_per_s": sums["image_tokens"] / seconds,
             "step_ms": 1e3 * seconds / steps,
             # the share of the image streams' rows that are a token budget's padding (0 when exact)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ from PIL import Image
 
 from megapgs.config import DataConfig
 from megapgs.data.eval_data import iter_eval_batches
-from megapgs.data.shards import write_shards
+from megapgs.data.faults import SkipCounter
+from megapgs.data.shard_index import IndexedShard, index_shards, read_index_manifest
+from megapgs.data.shards import MANIFEST, write_shards
 
 IMAGE_SIZE = 48
 STD_255 = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1) * 255  # normalised units -> 0..255 units
@@ -49,12 +52,57 @@ def photo_shards(out_dir: Path) -> list[str]:
     return [str(out_dir / f"{i}.tar") for i in range(2)]
 
 
+def indexed(shards, folder: Path) -> list[IndexedShard]:
+    """The shards as a GPU loader takes them: indexed (checked) into `folder`, read from its manifest."""
+    index_shards([str(s) for s in shards], folder, processes=1, progress=False)
+    return read_index_manifest(folder / MANIFEST)[0]
+
+
+class DaliEpochs:
+    """An endless loader (DALI's) read epoch by epoch, by the epoch each sample carries."""
+
+    def __init__(self, loader):
+        self.loader, self.batches, self.held, self.epoch = loader, iter(loader), [], 0
+
+    def next_epoch(self) -> tuple[list[str], dict[str, torch.Tensor], dict[str, int]]:
+        """(keys, {key: image}, the loader's skip counts once its last sample was delivered). Batches
+        that straddle two epochs make the counts include the next epoch's first window: use batch
+        sizes that divide an epoch where the counts matter."""
+        keys, images = [], {}
+        samples, before, after = self.held, None, SkipCounter(self.loader.skips.counts).counts
+        while True:
+            for i, (key, image, epoch) in enumerate(samples):
+                if epoch > self.epoch:  # the counts once the epoch's last sample was delivered
+                    self.held = [s for s in samples if s[2] > self.epoch]
+                    self.epoch += 1
+                    return keys, images, before if i == 0 and before is not None else after
+                keys.append(key)
+                images[key] = image
+            batch = next(self.batches)
+            check_batch(batch)
+            before, after = after, SkipCounter(self.loader.skips.counts).counts
+            samples = list(zip(batch.keys, batch.images, batch.epochs))
+
+
+_ENDLESS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_batch(batch) -> None:
+    assert batch.images.dtype == torch.float32 and batch.images.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch.tokens.dtype == torch.int64 and batch.tokens.shape[0] == len(batch.keys)
+    assert len(batch.text_lengths) == len(batch.keys)
+
+
 def epoch(loader) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """One epoch of a loader whose iteration is one epoch (nvJPEG's), or the next one of an endless
+    loader with a stream position (DALI's)."""
+    if hasattr(loader, "position"):
+        if loader not in _ENDLESS:
+            _ENDLESS[loader] = DaliEpochs(loader)
+        return _ENDLESS[loader].next_epoch()[:2]
     keys, images = [], {}
     for batch in loader:
-        assert batch.images.dtype == torch.float32 and batch.images.shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
-        assert batch.tokens.dtype == torch.int64 and batch.tokens.shape[0] == len(batch.keys)
-        assert len(batch.text_lengths) == len(batch.keys)
+        check_batch(batch)
         keys += batch.keys
         images.update(zip(batch.keys, batch.images))
     return keys, images
@@ -78,10 +126,10 @@ def assert_matches_the_pil_loader(build_loader, tmp_path: Path, tokenizer, label
     samples in tar order, with pixels within the resampling differences measured above."""
     shards = photo_shards(tmp_path / "photos")
     reference = pil_images(shards)
-    loader = build_loader(data_config(tmp_path), shards, image_size=IMAGE_SIZE, tokenizer=tokenizer,
-                          batch_size=6, rank=0, world_size=1, seed=0, device="cpu")
+    loader = build_loader(data_config(tmp_path), indexed(shards, tmp_path / "index"), image_size=IMAGE_SIZE,
+                          tokenizer=tokenizer, batch_size=5, rank=0, world_size=1, seed=0, device="cpu")
     keys, images = epoch(loader)
-    assert keys == list(reference)  # same samples, in tar order (no shuffle)
+    assert sorted(keys) == sorted(reference) and len(set(keys)) == len(keys)  # each sample once
     diff_255 = pixel_diff_255(images, reference, keys)
     print(f"\n{label} vs PIL loader, {len(keys)} images at {IMAGE_SIZE}px: max |diff| {diff_255.max():.2f}, "
           f"mean |diff| {diff_255.mean():.3f}, share > 2 levels {(diff_255 > 2).float().mean():.4f} (0..255 units)")
@@ -93,11 +141,11 @@ def assert_matches_the_pil_loader(build_loader, tmp_path: Path, tokenizer, label
 def assert_gpu_matches_the_cpu_twin(build_loader, tmp_path: Path, tokenizer, label: str) -> None:
     """The loader decoding on the GPU delivers the samples of its CPU twin, on the GPU, with pixels
     within the resampling differences measured above."""
-    shards = photo_shards(tmp_path / "photos")
+    shards = indexed(photo_shards(tmp_path / "photos"), tmp_path / "index")
     results = {}
     for device in ("cpu", "cuda"):
         loader = build_loader(data_config(tmp_path), shards, image_size=IMAGE_SIZE, tokenizer=tokenizer,
-                              batch_size=6, rank=0, world_size=1, seed=0, device=device)
+                              batch_size=5, rank=0, world_size=1, seed=0, device=device)
         keys, images = epoch(loader)
         assert all(image.device.type == device for image in images.values())
         results[device] = keys, torch.stack([images[k].float().cpu() for k in keys])

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from megapgs.data import dali_checks
+from megapgs.data import shard_index
 from megapgs.data.nvjpeg import build_nvjpeg_loader, decode_batch, is_jpeg
 from megapgs.data.tokenizer import Tokenizer
 from tests.data.faulty_shards import write_faulty_shards
 from tests.data.loader_photos import (IMAGE_SIZE, assert_gpu_matches_the_cpu_twin, assert_matches_the_pil_loader,
-                                     data_config, epoch)
+                                     data_config, epoch, indexed)
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,10 @@ def test_nvjpeg_planted_faults_are_skipped_and_counted(tmp_path, tokenizer, monk
     """Without the byte checks the bad JPEGs reach decode_jpeg: their batch falls back to one
     decode per image, and each culprit is counted with the CPU loader's reason."""
     if not byte_checks:
-        monkeypatch.setattr(dali_checks, "check_image", lambda data: None)
+        monkeypatch.setattr(shard_index, "check_image", lambda data: None)
     faulty = write_faulty_shards(tmp_path / "faulty")
     loader = build_nvjpeg_loader(data_config(tmp_path, augment=True, shuffle_buffer=16),
-                                 [str(p) for p in faulty.shards], image_size=IMAGE_SIZE, tokenizer=tokenizer,
+                                 indexed(faulty.shards, tmp_path / "index"), image_size=IMAGE_SIZE, tokenizer=tokenizer,
                                  batch_size=4, rank=0, world_size=1, seed=0, device="cpu")
     keys, _ = epoch(loader)
     assert sorted(keys) == sorted(faulty.good_keys)

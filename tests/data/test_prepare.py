@@ -53,3 +53,77 @@ def test_synthetic_source_needs_no_files():
     cfg = load_config(None, ["data.source=synthetic", "eval.zeroshot=false", "eval.retrieval=false"])
     plan = prepare_data(cfg, ONE_RANK)
     assert plan.train_urls == () and plan.describe() == "synthetic data"
+
+
+# ----------------------------------------------------------------------------- shards without a manifest
+
+def _gpu_loader_config(tmp_path, *extra):
+    return load_config(None, ["data.source=webdataset", f"data.train_shards={tmp_path}/shards/{{0..1}}.tar",
+                              "data.loader=dali", f"data.index_dir={tmp_path}/index", "eval.zeroshot=false",
+                              "eval.retrieval=false", *extra])
+
+
+def _photo_shards(folder):
+    from tests.data.loader_photos import photo_shards
+
+    return photo_shards(folder)
+
+
+def test_the_first_rank_of_a_node_indexes_and_the_others_wait_for_the_file(tmp_path):
+    import threading
+
+    _photo_shards(tmp_path / "shards")
+    cfg = _gpu_loader_config(tmp_path)
+    second = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    waited: dict = {}
+    waiter = threading.Thread(target=lambda: waited.setdefault("plan", prepare_data(cfg, second)))
+    waiter.start()  # it waits: nothing is indexed yet
+    waiter.join(timeout=2)
+    assert waiter.is_alive()
+    first = prepare_data(cfg, DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu")))
+    waiter.join(timeout=60)
+    assert not waiter.is_alive()
+    assert first.train_samples == waited["plan"].train_samples == 20
+    assert [s.path for s in first.train_index] == [s.path for s in waited["plan"].train_index]
+    assert len(list((tmp_path / "index").rglob("manifest.json"))) == 1
+
+
+def test_a_waiting_rank_stops_when_the_indexing_rank_failed(tmp_path, monkeypatch):
+    from megapgs.data import prepare
+
+    _photo_shards(tmp_path / "shards")
+    cfg = _gpu_loader_config(tmp_path)
+
+    def failing(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(prepare, "index_shards", failing)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_data(cfg, ONE_RANK)
+    second = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    with pytest.raises(DataError, match="could not index the shards: OSError: disk full"):
+        prepare_data(cfg, second)
+
+
+def test_a_cpu_run_reads_no_shard_to_start(tmp_path, monkeypatch):
+    """The webdataset loader needs no index: a brace pattern starts without reading or indexing."""
+    from megapgs.data import prepare
+
+    _photo_shards(tmp_path / "shards")
+    monkeypatch.setattr(prepare, "index_shards", lambda *a, **k: pytest.fail("indexed for the CPU loader"))
+    cfg = _gpu_loader_config(tmp_path, "data.loader=wds")
+    plan = prepare_data(cfg, ONE_RANK)
+    assert plan.train_index is None and plan.train_samples is None and len(plan.train_urls) == 2
+
+
+def test_a_checked_manifest_is_taken_as_it_is(tmp_path, monkeypatch):
+    from megapgs.data import prepare
+
+    manifest = write_shards(({"__key__": f"{i:04d}", "txt": f"caption {i}", "png": b"x"} for i in range(4)),
+                            tmp_path, 2, checked=True)
+    assert manifest["format"] == "megapgs-shards/2" and all("mtime_ns" in s for s in manifest["shards"])
+    monkeypatch.setattr(prepare, "index_shards", lambda *a, **k: pytest.fail("a checked manifest indexed again"))
+    cfg = load_config(None, ["data.source=webdataset", f"data.train_shards={tmp_path}/manifest.json",
+                             "data.loader=dali", "eval.zeroshot=false", "eval.retrieval=false"])
+    plan = prepare_data(cfg, ONE_RANK)
+    assert [s.samples for s in plan.train_index] == [2, 2]

@@ -39,8 +39,9 @@ def _urls(faulty):
 
 def _loader(faulty, tokenizer, *, rank=0, world_size=1, workers=2, batch_size=4, seed=0, **cfg):
     cfg = DataConfig(workers=workers, shuffle_buffer=cfg.pop("shuffle_buffer", 16), **cfg)
-    return build_train_loader(cfg, _urls(faulty), image_size=IMAGE_SIZE, tokenizer=tokenizer,
-                              batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+    urls, samples = resolve_shards(str(faulty.manifest), "data.train_shards")
+    return build_train_loader(cfg, urls, image_size=IMAGE_SIZE, tokenizer=tokenizer, batch_size=batch_size,
+                              rank=rank, world_size=world_size, seed=seed, samples_per_epoch=samples)
 
 
 def _epochs_keys(loader, epochs: int, max_batches: int = 200) -> dict[int, list[str]]:

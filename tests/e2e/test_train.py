@@ -108,12 +108,16 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
 
 
-def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path, small_fashion_mnist):
+@pytest.mark.parametrize("loader", ["wds", "dali"])
+def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path, small_fashion_mnist, loader):
     """30 steps straight vs 15 steps, SIGKILL right after the step-15 checkpoint, --resume auto:
-    the same losses at steps 16-30, the same PGS masks, the same final weights."""
+    the same samples, losses and PGS masks at steps 16-30, the same final weights; with the
+    webdataset loader and with DALI (its CPU mode), in windows of 2 of the 6 shards (step 15 is
+    mid-epoch, mid-window)."""
     common = ["--set", f"data.root={tmp_path / 'data'}", "--set", f"data.fashion_mnist_dir={small_fashion_mnist}",
-              "--set", "train.steps=30", "--set", "train.micro_batch_size=16", "--set", "train.global_batch_size=16",
-              "--set", "train.checkpoint_every=15", "--set", "data.shuffle_buffer=50", "--set", "optim.warmup_steps=5"]
+              "--set", "train.steps=30", "--set", "train.micro_batch_size=12", "--set", "train.global_batch_size=12",
+              "--set", "train.checkpoint_every=15", "--set", "data.shuffle_buffer=50", "--set", "optim.warmup_steps=5",
+              "--set", "data.shard_size=40", "--set", f"data.loader={loader}", "--set", "data.dali_window_shards=2"]
     straight = tmp_path / "straight"
     run(train_cmd(straight, *common))
 
@@ -135,6 +139,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path, small_fash
     for step in range(16, 31):
         assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-6, abs=1e-6), step
         assert resumed[step]["mask_checksum"] == expected[step]["mask_checksum"], step
+        assert resumed[step]["samples_checksum"] == expected[step]["samples_checksum"], step
     ours, theirs = final_weights(killed), final_weights(straight)
     assert ours.keys() == theirs.keys()
     for key in ours:
