@@ -1,5 +1,5 @@
 """PGS steps 1-6: invariants of the selection and the packed stream, determinism, and one test
-per fault of the reference implementation (../shared/docs/PGS.md)."""
+per fault of the reference implementation (docs/PGS.md)."""
 import pytest
 import torch
 import torch.nn.functional as F
