@@ -150,3 +150,13 @@ def mean_over_ranks(value: torch.Tensor, dist: DistInfo) -> torch.Tensor:
         return value
     total = all_reduce_sum(value.detach(), dist)
     return value + (total / dist.world_size - value).detach()
+
+
+def any_rank(flag: bool, dist: DistInfo) -> bool:
+    """Whether `flag` is set on any rank: a CPU collective (gloo, also in a GPU's `cpu:gloo,cuda:nccl`
+    group), so it never waits on a GPU's queue. Every rank must call it at the same point."""
+    if dist.world_size == 1:
+        return flag
+    votes = torch.tensor([int(flag)], dtype=torch.int32)
+    tdist.all_reduce(votes)  # the CPU tensor goes to the group's gloo backend
+    return bool(votes[0])

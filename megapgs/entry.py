@@ -25,6 +25,7 @@ from megapgs.packed import Packed
 from megapgs.train.engine import InitWeightsError
 from megapgs.train.loop import RunSummary, train
 from megapgs.train.plan import RunPlan, plan_run
+from megapgs.train.preempt import PREEMPTED_EXIT
 from megapgs.train.safe_load import UnsafeCheckpointError
 from megapgs.train.start import StartError, decide_start
 
@@ -105,11 +106,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if dist.is_main:
         print(summary_line(summary, cfg.train.output_dir), flush=True)
-    return 0
+    return PREEMPTED_EXIT if summary.stopped_by else 0
 
 
 def summary_line(summary: RunSummary, output_dir: str) -> str:
     """The one line a run ends with: what was trained, how fast, and how good it is."""
+    if summary.stopped_by:
+        return (f"megapgs: stopped by {summary.stopped_by} after {summary.steps_run:,} steps (at step "
+                f"{summary.final_step:,}, {summary.samples_seen:,} samples); checkpoint written to "
+                f"{output_dir}/checkpoints; continue with --resume auto (exit code {PREEMPTED_EXIT}).")
     parts = [f"megapgs: trained {summary.steps_run:,} steps (to step {summary.final_step:,}, "
              f"{summary.samples_seen:,} samples) in {summary.training_seconds / 60:.1f} min of training "
              f"({summary.seconds / 60:.1f} min with checkpoints and evaluation)"]

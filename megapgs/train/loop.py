@@ -28,6 +28,7 @@ from megapgs.train.inputs import build_loader, to_device
 from megapgs.train.loss import ContrastiveLoss
 from megapgs.train.metrics import MetricsWriter
 from megapgs.train.plan import RunPlan
+from megapgs.train.preempt import StopRequest
 from megapgs.train.progress import TrainProgress
 from megapgs.train.schedule import lr_at, masking_at, progress_at
 from megapgs.train.step import MicroBatch, TrainStep, pgs_masker
@@ -48,6 +49,7 @@ class RunSummary:
     eval: dict[str, float] = field(default_factory=dict)
     skips: dict[str, int] = field(default_factory=dict)
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) at every log point
+    stopped_by: str | None = None     # the signal that stopped the run early (its checkpoint written)
 
 
 def describe_eval(metrics: dict[str, float]) -> str:
@@ -97,9 +99,14 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: Sta
             log.info("eval at step %d: %s", step, describe_eval(metrics))
         return metrics
 
+    saved_at = state.step  # the step of the newest checkpoint (a resumed run's is the one it read)
+
     def checkpoint(step: int) -> None:
-        save_checkpoint(engine, ckpt_dir, TrainState(step, samples_seen, loader.state_dict()), dist,
-                        cfg.train.keep_last, config_json)
+        nonlocal saved_at
+        if step != saved_at:
+            save_checkpoint(engine, ckpt_dir, TrainState(step, samples_seen, loader.state_dict()), dist,
+                            cfg.train.keep_last, config_json)
+            saved_at = step
 
     writer = MetricsWriter(run_dir, cfg.log, dist.is_main)
     timer = StageTimer(device)
@@ -127,7 +134,20 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: Sta
             taken.append(MicroBatch(images, tokens, batch.text_lengths, keep, tuple(batch.keys)))
             yield taken[-1]
 
-    with bar:
+    def log_window(done: int) -> None:
+        metrics = window.fetch(dist, loader.skips, peak)  # the loop's one sync, every N steps
+        stages = {f"{name}_ms": ms / window.steps for name, ms in timer.collect().items()}
+        if "pgs_ms" in stages:  # PGS runs inside the first forward of each micro-batch
+            first_pass = "feature_cache_ms" if "feature_cache_ms" in stages else "forward_ms"
+            stages[first_pass] -= stages["pgs_ms"]
+        metrics.update(lr=lr, samples_seen=samples_seen, **stages)
+        writer.write(done, metrics)
+        bar.show(metrics)
+        summary.losses.append((done, metrics["loss"]))
+        summary.last_loss = metrics["loss"]
+        window.reset()
+
+    with bar, StopRequest() as stop:
         for step in range(state.step, plan.total_steps):
             lr = lr_at(step, cfg.optim, plan.total_steps)
             set_lr(engine, lr)
@@ -142,17 +162,7 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: Sta
             bar.advance(done, samples_seen)
 
             if done % cfg.log.every_steps == 0 or done == plan.total_steps:
-                metrics = window.fetch(dist, loader.skips, peak)  # the loop's one sync, every N steps
-                stages = {f"{name}_ms": ms / window.steps for name, ms in timer.collect().items()}
-                if "pgs_ms" in stages:  # PGS runs inside the first forward of each micro-batch
-                    first_pass = "feature_cache_ms" if "feature_cache_ms" in stages else "forward_ms"
-                    stages[first_pass] -= stages["pgs_ms"]
-                metrics.update(lr=lr, samples_seen=samples_seen, **stages)
-                writer.write(done, metrics)
-                bar.show(metrics)
-                summary.losses.append((done, metrics["loss"]))
-                summary.last_loss = metrics["loss"]
-                window.reset()
+                log_window(done)
 
             paused = time.perf_counter()  # checkpoints and evaluations do not count as training time
             if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done != plan.total_steps:
@@ -164,11 +174,20 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: Sta
             paused_seconds += pause
             summary.steps_run += 1
             summary.final_step = done
+            if done < plan.total_steps and stop.agreed(dist):  # a signal on any rank: all stop here
+                if window.steps:
+                    log_window(done)
+                summary.stopped_by = stop.name
+                if dist.is_main:
+                    log.warning("stopping at step %d on %s: writing a checkpoint; continue with --resume auto",
+                                done, stop.name)
+                break
 
     summary.training_seconds = time.perf_counter() - started - paused_seconds
     if summary.steps_run:
         checkpoint(summary.final_step)
-    eval_metrics = run_eval(summary.final_step) or eval_metrics
+    if summary.stopped_by is None:  # a stopped run has its time limit close: no evaluation
+        eval_metrics = run_eval(summary.final_step) or eval_metrics
     summary.seconds = time.perf_counter() - started
     summary.samples_seen = samples_seen
     summary.eval = eval_metrics
