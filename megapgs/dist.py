@@ -158,5 +158,7 @@ def any_rank(flag: bool, dist: DistInfo) -> bool:
     if dist.world_size == 1:
         return flag
     votes = torch.tensor([int(flag)], dtype=torch.int32)
-    tdist.all_reduce(votes)  # the CPU tensor goes to the group's gloo backend
-    return bool(votes[0])
+    if "gloo" not in str(tdist.get_backend()):  # a group made elsewhere without a CPU backend: the GPU's
+        votes = votes.to(dist.comm_device)      # (and reading the vote back waits for the GPU)
+    tdist.all_reduce(votes)  # a CPU tensor goes to the group's gloo backend
+    return bool(votes.cpu()[0])
