@@ -66,18 +66,18 @@ def test_sigterm_stops_one_rank_with_a_checkpoint_and_resume_continues(tmp_path)
 def test_sigusr1_to_one_of_two_ranks_stops_both_at_the_same_step(tmp_path):
     two = ["--set", "train.micro_batch_size=16"]
     straight = tmp_path / "straight"
-    run(train_cmd(straight, *COMMON, *two, ranks=2, port=29571))
+    run(train_cmd(straight, *COMMON, *two, ranks=2, port=29581))
     stopped = tmp_path / "stopped"
 
     def one_rank(launcher_pid: int) -> int:  # a rank, not the launcher: the others hear of it only from it
         children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
         return int(sorted(children)[-1])
 
-    result = start_and_signal(train_cmd(stopped, *COMMON, *two, ranks=2, port=29572), stopped, signal.SIGUSR1, 8,
+    result = start_and_signal(train_cmd(stopped, *COMMON, *two, ranks=2, port=29582), stopped, signal.SIGUSR1, 8,
                               one_rank)
     assert result.returncode != 0 and f"exitcode  : {PREEMPTED_EXIT}" in result.stdout, result.stdout[-3000:]
     at = stopped_step(stopped)
     assert 8 <= at < STEPS
     assert len(list((stopped / "checkpoints" / f"step_{at:08d}").glob("*rank*"))) >= 2  # both ranks' files
-    run(train_cmd(stopped, *COMMON, *two, "--resume", "auto", ranks=2, port=29573))
+    run(train_cmd(stopped, *COMMON, *two, "--resume", "auto", ranks=2, port=29583))
     assert_continues_the_straight_run(straight, stopped, at)

@@ -144,3 +144,22 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path, small_fash
     assert ours.keys() == theirs.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-6, msg=key)
+
+
+@pytest.mark.multiprocess
+def test_two_nodes_of_two_ranks_give_the_one_rank_loss_curve(tmp_path, one_rank_pgs_records):
+    """Four ranks as 2 "nodes" x 2 on this machine (two torchrun agents, --nnodes 2, static
+    rendezvous on localhost), ZeRO-3, PGS keyed by sample: the 1 x 32 loss curve, masks and all."""
+    port = 29591
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+               "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "launch/pretrain.py", *QUICK, "--set", f"train.output_dir={tmp_path}", *PGS,
+               "--set", "train.micro_batch_size=8"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [proc.communicate(timeout=900)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "32 = 8 per rank x 4 ranks x 1 accumulation" in outputs[0]
+    assert_same_pgs_curve(train_records(tmp_path), one_rank_pgs_records)
