@@ -3,15 +3,22 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Callable
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A hidden name beside `path` no other writer uses: processes on different hosts sharing a file
+    system can have the same PID, so the host name is part of it."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` writes a temporary sibling of `path`; it is flushed to disk and renamed into
     place, so `path` is either the old file or the whole new one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_sibling(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:

@@ -157,27 +157,39 @@ def ensure_index(urls: tuple[str, ...], out_dir: Path, dist: DistInfo) -> tuple[
 
 
 def _wait_for_index(urls: tuple[str, ...], out_dir: Path, failed: Path) -> None:
-    """Until the node's first rank has written a manifest of exactly these shards, as they are now."""
+    """Until the node's first rank has written a manifest of exactly these shards, as they are now.
+    The manifest is read again only when its file changes (one stat a second, not one per shard)."""
     started, last_log, started_wall = time.monotonic(), time.monotonic(), time.time()
     wanted = [str(Path(u).resolve()) for u in urls]
+    manifest, seen = out_dir / MANIFEST, None
     while True:
         if failed.is_file() and failed.stat().st_mtime >= started_wall - 5:  # not a failure of an earlier run
             raise DataError(f"data: the first rank of this node could not index the shards: "
                             f"{failed.read_text().strip()}")
-        manifest = out_dir / MANIFEST
-        if manifest.is_file():
-            try:
-                shards, _ = read_index_manifest(manifest)
-            except DataError:
-                shards = []
-            if [s.path for s in shards] == wanted and not any(
-                    s.changed() == "shard_changed" for s in shards):
+        try:
+            stat = manifest.stat()
+            version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            version = None
+        if version is not None and version != seen:
+            seen = version
+            if _manifest_lists(manifest, wanted):
                 return
         if time.monotonic() - last_log > WAIT_LOG_EVERY_S:
             last_log = time.monotonic()
             log.info("data: waiting %.0f s for the first rank of this node to index the shards (%s)",
                      last_log - started, out_dir)
         time.sleep(1.0)
+
+
+def _manifest_lists(manifest: Path, wanted: list[str]) -> bool:
+    """Whether `manifest` indexes exactly the shards `wanted`, none changed since it was written (an
+    earlier run's manifest of the same, unchanged shards is as good as the one being written)."""
+    try:
+        shards, _ = read_index_manifest(manifest)
+    except DataError:
+        return False
+    return [s.path for s in shards] == wanted and not any(s.changed() == "shard_changed" for s in shards)
 
 
 def _eval_set(root: Path, key: str) -> int | None:

@@ -38,7 +38,7 @@ from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from megapgs.atomic import write_json_atomic
+from megapgs.atomic import temporary_sibling, write_json_atomic
 from megapgs.data.faults import IMAGE_EXTS, DataError, SkipCounter, check_caption, decode_image
 from megapgs.data.shards import MANIFEST, MANIFEST_FORMAT, progress_bar, read_manifest
 
@@ -186,9 +186,12 @@ def record_paths(shard: str, out_dir: Path) -> tuple[Path, Path]:
 def _write_quickly(path: Path, text: str) -> None:
     """Whole or not at all under its name (a rename), without an fsync per shard: a record lost to
     a crash of the machine is only a shard indexed again."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = temporary_sibling(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _stamp(shard: str) -> dict | None:

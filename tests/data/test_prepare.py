@@ -88,6 +88,30 @@ def test_the_first_rank_of_a_node_indexes_and_the_others_wait_for_the_file(tmp_p
     assert len(list((tmp_path / "index").rglob("manifest.json"))) == 1
 
 
+def test_a_waiting_rank_does_not_take_the_manifest_of_shards_changed_since(tmp_path):
+    """An earlier run's manifest of the same shards is taken only while they are as it saw them."""
+    import os
+    import threading
+
+    _photo_shards(tmp_path / "shards")
+    cfg = _gpu_loader_config(tmp_path)
+    first = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    second = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"))
+    prepare_data(cfg, first)  # an earlier run's index
+    shard = tmp_path / "shards" / "1.tar"
+    shard.write_bytes(shard.read_bytes()[:-10240])  # rewritten since: 10 KiB shorter
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    waited: dict = {}
+    waiter = threading.Thread(target=lambda: waited.setdefault("plan", prepare_data(cfg, second)))
+    waiter.start()
+    waiter.join(timeout=2.5)
+    assert waiter.is_alive(), "took a manifest whose shard changed"
+    again = prepare_data(cfg, first)  # the first rank indexes the changed shard again
+    waiter.join(timeout=60)
+    assert not waiter.is_alive()
+    assert waited["plan"].train_samples == again.train_samples
+
+
 def test_a_waiting_rank_stops_when_the_indexing_rank_failed(tmp_path, monkeypatch):
     from megapgs.data import prepare
 
