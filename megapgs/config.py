@@ -20,7 +20,7 @@ from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from megapgs.models.archs import ARCHS
+from megapgs.models.archs import OWN_ARCHS, ArchError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.json"
@@ -54,7 +54,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    arch: str = Field("tiny-28", description=f"architecture by name: {', '.join(ARCHS)}")
+    arch: str = Field("tiny-28", description=f"the towers: {', '.join(OWN_ARCHS)}, an OpenCLIP model-config name "
+                                             "(listed below), or the path of an OpenCLIP model-config JSON")
     attention: Literal[ATTENTION_BACKENDS] = Field(  # type: ignore[valid-type]
         "auto", description="attention back-end; auto picks the fastest available on the device")
     grad_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
@@ -63,10 +64,12 @@ class ModelConfig(_Section):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        if arch not in ARCHS:
-            close = difflib.get_close_matches(arch, ARCHS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown architecture{hint}; allowed: {', '.join(ARCHS)}")
+        from megapgs.models.archs import get_arch  # OpenCLIP's names and files import open_clip
+
+        try:
+            get_arch(arch)
+        except ArchError as err:
+            raise ValueError(str(err)) from None
         return arch
 
 
@@ -180,7 +183,8 @@ class TrainConfig(_Section):
     resume: str = Field("none", description="none, auto (newest complete checkpoint) or a checkpoint path")
     init_from: str | None = Field(
         None, description="initial weights: a tools/convert_from_openclip.py output or a megapgs run/checkpoint "
-                          "directory, same model.arch; not read when train.resume finds a checkpoint")
+                          "directory with model.arch's towers (at another image size the positional embeddings "
+                          "are interpolated); not read when train.resume finds a checkpoint")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
     keep_last: int = Field(3, ge=1, description="checkpoints kept on disk")
 
@@ -418,7 +422,26 @@ def explain() -> str:
             default = sub.default_factory() if sub.default_factory else sub.default
             lines.append(f"  {name}.{key} = {json.dumps(default)}")
             lines.append(f"      {sub.description}  [{_type_name(sub.annotation)}]")
+            if (name, key) == ("model", "arch"):
+                lines.extend(explain_archs())
     return "\n".join(lines).lstrip("\n")
+
+
+def explain_archs() -> list[str]:
+    """What model.arch accepts, for --explain: megapgs's own archs and OpenCLIP's computed ones, with
+    their numbers (imports open_clip to read its model configs)."""
+    from megapgs.models.archs import openclip_arch_names
+    from megapgs.models.openclip_cfg import openclip_specs
+
+    specs = {**OWN_ARCHS, **openclip_specs()}
+    width = max(map(len, specs))
+    lines = ["      megapgs's own:"]
+    lines += [f"        {name:<{width}}  {OWN_ARCHS[name].describe()}" for name in OWN_ARCHS]
+    lines.append(f"      OpenCLIP's model configs whose towers megapgs computes ({len(openclip_arch_names())}):")
+    lines += [f"        {name:<{width}}  {spec.describe()}" for name, spec in openclip_specs().items()]
+    lines.append("      or a model-config JSON in OpenCLIP's form ({\"embed_dim\", \"vision_cfg\", \"text_cfg\"}, or "
+                 "an open_clip_config.json); an option megapgs does not compute is refused by name")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,7 +49,10 @@ BAD_CONFIGS = {
     "negative lr": (lambda r: r["optim"].update(lr=-1e-3), "optim.lr", "greater than 0"),
     "min_mask_ratio 1": (lambda r: r["pgs"].update(min_mask_ratio=1.0), "pgs.min_mask_ratio", "less than 1"),
     "min_mask_ratio above 1": (lambda r: r["pgs"].update(min_mask_ratio=1.5), "pgs.min_mask_ratio", "less than 1"),
-    "unknown architecture": (lambda r: r["model"].update(arch="ViT-L-16"), "model.arch", "did you mean 'ViT-L-14'"),
+    "unknown architecture": (lambda r: r["model"].update(arch="ViT-L-14x"), "model.arch", "did you mean 'ViT-L-14'"),
+    "OpenCLIP arch megapgs does not compute": (lambda r: r["model"].update(arch="ViT-B-16-quickgelu"), "model.arch",
+                                               "OpenCLIP's ViT-B-16-quickgelu config: model_cfg.quick_gelu = true"),
+    "missing arch file": (lambda r: r["model"].update(arch="/no/such/cfg.json"), "model.arch", "no model-config JSON"),
     "missing data path": (lambda r: r["data"].update(source="webdataset"), "data.train_shards", "required"),
     "wrong type (string for int)": (lambda r: r["train"].update(steps="100"), "train.steps", "valid integer"),
     "wrong type (int for bool)": (lambda r: r["pgs"].update(use_ot=1), "pgs.use_ot", "valid boolean"),
@@ -142,6 +145,48 @@ def test_explain_lists_every_option_with_its_default():
             assert f"  {section}.{key} = {json.dumps(default)}\n" in text + "\n", (section, key)
             assert field.description, f"{section}.{key} has no description"
     assert set(Config.model_fields) == set(SECTIONS) | {"deepspeed"}
+
+
+@pytest.mark.parametrize("arch", ["ViT-M-16", "ViT-L-14-336", "tiny-32"])
+def test_model_arch_takes_openclip_names(arch):
+    assert load_config(None, [f"model.arch={arch}"]).model.arch == arch
+
+
+def test_model_arch_takes_a_model_config_json(tmp_path):
+    from megapgs.convert.openclip import openclip_model_cfg
+    from megapgs.models.archs import get_arch
+
+    cfg = openclip_model_cfg(get_arch("tiny-28"))
+    (tmp_path / "ok.json").write_text(json.dumps(cfg))
+    assert load_config(None, [f"model.arch={tmp_path / 'ok.json'}"]).model.arch == str(tmp_path / "ok.json")
+    (tmp_path / "gelu.json").write_text(json.dumps({**cfg, "text_cfg": {**cfg["text_cfg"], "act_kwargs": {"x": 1}}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"model.arch={tmp_path / 'gelu.json'}"])
+    assert f"  model.arch: {tmp_path / 'gelu.json'}: model_cfg.text_cfg.act_kwargs = " in str(info.value)
+
+
+def test_explain_lists_what_model_arch_takes():
+    from megapgs.models.archs import openclip_arch_names
+
+    text = explain()
+    assert "        tiny-28  " in text and "        ViT-M-16  " in text
+    for name in openclip_arch_names():
+        assert f"\n        {name} " in text, name
+    assert "ViT-B-16-quickgelu" not in text and "or a model-config JSON in OpenCLIP's form" in text
+
+
+def test_readme_lists_what_model_arch_takes():
+    """The README's model.arch table names exactly the OpenCLIP configs megapgs computes (open_clip's
+    bundled set changes with its version: regenerate the row from `--explain`)."""
+    import re
+
+    from megapgs.models.archs import openclip_arch_names
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| an OpenCLIP model-config name |"))
+    names = set(openclip_arch_names())
+    assert set(re.findall(r"`([^`]+)`", row)) == names and f"any of the {len(names)} configs" in row
+    assert "| `tiny-28` |" in readme and "| `path/to/cfg.json` |" in readme
 
 
 def test_explain_command_runs():

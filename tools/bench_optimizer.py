@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from megapgs.models.archs import ARCHS, get_arch  # noqa: E402
+from megapgs.models.archs import ArchError, get_arch  # noqa: E402
 from megapgs.models.clip import CLIP  # noqa: E402
 from megapgs.perf.timers import device_label, median_ms  # noqa: E402
 from megapgs.train.engine import param_groups  # noqa: E402
@@ -26,12 +26,16 @@ VARIANTS = {"single-tensor": {"foreach": False}, "foreach": {"foreach": True}, "
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="tiny-28", choices=ARCHS)
+    parser.add_argument("--arch", default="tiny-28", help="a model.arch value (python -m megapgs.config --explain)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     device = torch.device(args.device)
-    model = CLIP(get_arch(args.arch)).to(device)
+    try:
+        spec = get_arch(args.arch)
+    except ArchError as err:
+        parser.error(f"--arch: {err}")
+    model = CLIP(spec).to(device)
     for param in model.parameters():
         param.grad = torch.randn_like(param)
     count = sum(p.numel() for p in model.parameters())

@@ -35,15 +35,13 @@ from megapgs.convert.init_weights import (  # noqa: E402
     write_init_checkpoint,
 )
 from megapgs.convert.parity import Parity, compare  # noqa: E402
-from megapgs.models.archs import get_arch  # noqa: E402
 
 @torch.no_grad()
 def check_parity(out: Path, source: OpenCLIPWeights) -> Parity:
     """OUT loaded as megapgs's CLIP against the source loaded by open_clip itself."""
     import open_clip
 
-    state, arch = load_init_weights(out)
-    spec = get_arch(arch)
+    state, spec = load_init_weights(out)
     ours = clip_from_state(spec, state)
     del state
     if source.model.startswith(LOCAL_DIR):
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"read {source.weights_file}: OpenCLIP {source.model} is megapgs {source.spec.name} "
               f"({len(source.state)} tensors, {params / 1e6:.1f} M parameters, "
               f"{'/'.join(source.describe()['dtypes'])}) in {time.perf_counter() - started:.1f} s", flush=True)
-        written = write_init_checkpoint(args.out, source.spec.name, megapgs_state(source), source.describe())
+        written = write_init_checkpoint(args.out, source.spec, megapgs_state(source), source.describe())
         source = dataclasses.replace(source, state={})  # parity reads both sides from their files
     except (ConversionError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

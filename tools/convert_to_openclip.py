@@ -32,7 +32,7 @@ from megapgs.convert.checkpoint import clip_from_state, read_checkpoint, resolve
 from megapgs.convert.openclip import (  # noqa: E402
     SIGLIP_INIT_LOGIT_BIAS, openclip_model_cfg, to_openclip)
 from megapgs.convert.parity import compare  # noqa: E402
-from megapgs.models.archs import get_arch  # noqa: E402
+from megapgs.models.archs import ArchError, get_arch  # noqa: E402
 from megapgs.train.safe_load import UnsafeCheckpointError  # noqa: E402
 
 
@@ -68,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = resolve_checkpoint(args.checkpoint)
         state, config = read_checkpoint(path)
+        spec = get_arch(config["model"]["arch"])
     except (FileNotFoundError, UnsafeCheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    spec = get_arch(config["model"]["arch"])
+    except ArchError as err:
+        print(f"error: {path}: the run's model.arch: {err}", file=sys.stderr)
+        return 2
     siglip = "logit_bias" in state
     ours = clip_from_state(spec, state)  # the checkpoint's tensors: one copy of the weights in memory
     del state

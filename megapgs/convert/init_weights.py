@@ -6,9 +6,11 @@
 
 An OpenCLIP model is a directory (`open_clip_config.json` beside `open_clip_model.safetensors` or
 `open_clip_pytorch_model.bin`), or an OpenCLIP architecture name plus a state-dict file. Its config
-maps to the one megapgs ArchSpec with the same towers, or is refused with the option megapgs's
-towers do not implement (QuickGELU, attentional pooling, a timm or Hugging Face tower, other
-normalisation constants, ...): weights never go into a model that computes a different function.
+becomes a megapgs ArchSpec (a megapgs or OpenCLIP name with the same towers, else a custom one named
+by the config file), or is refused with the option megapgs's towers do not implement (QuickGELU,
+attentional pooling, a timm or Hugging Face tower, ...: decided in megapgs/models/openclip_cfg.py,
+which `model.arch` uses too; other normalisation constants are refused here): weights never go into
+a model that computes a different function.
 An architecture name is taken at its word: OpenAI-trained weights use QuickGELU, which OpenCLIP
 names `<arch>-quickgelu`, and megapgs refuses. Files are read without running code (safetensors,
 or `torch.load(weights_only=True)`); TorchScript archives are refused; nothing is downloaded.
@@ -16,11 +18,11 @@ or `torch.load(weights_only=True)`); TorchScript archives are refused; nothing i
 The initial checkpoint is a directory; the JSON is written last and marks it complete:
 
     OUT/model.safetensors     megapgs key names and shapes (logit_scale/logit_bias of shape (1,)), fp32
-    OUT/megapgs_init.json     format, arch, has_logit_bias, source, megapgs version and commit
+    OUT/megapgs_init.json     format, arch, model_cfg (the towers, OpenCLIP's form), has_logit_bias,
+                              source, megapgs version and commit
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import pickle
 import subprocess
@@ -34,7 +36,7 @@ import torch
 
 from megapgs.atomic import write_atomically
 from megapgs.convert.openclip import from_openclip, openclip_model_cfg
-from megapgs.models.archs import ARCHS, ArchSpec
+from megapgs.models.archs import ArchError, ArchSpec, get_arch, init_mismatch
 from megapgs.models.clip import CLIP
 
 INIT_JSON = "megapgs_init.json"
@@ -44,30 +46,6 @@ LOCAL_DIR = "local-dir:"
 # The weights files of an OpenCLIP model directory, in OpenCLIP's order of preference.
 DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
                "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
-
-# The numbers that make an architecture; every other option must be OpenCLIP's default (what
-# megapgs's towers compute) or be listed below as having no effect on the function of the weights.
-STRUCTURE = {"vision_cfg": ("image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio"),
-             "text_cfg": ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio")}
-NO_EFFECT = {
-    "model_cfg": ("init_logit_scale",        # initial value only: the weights hold logit_scale
-                  "init_logit_bias",         # likewise; not null means the weights have a logit_bias
-                  "nonscalar_logit_scale",   # shape (1,) instead of 0-d: the key map reshapes
-                  "output_dict"),            # the format of forward's output
-    "vision_cfg": ("output_tokens",          # the format of forward's output
-                   "patch_dropout"),         # training-time token dropout; megapgs masks with pgs.masking
-    "text_cfg": ("output_tokens",
-                 "pad_id",                   # used only with embed_cls / no_causal_mask, refused here
-                 "eos_id",                   # used only by pool_type "eos", refused here
-                 "hf_model_pretrained"),     # used only with hf_model_name, refused here
-}
-TOP_LEVEL_DEFAULTS = {"quick_gelu": False, "custom_text": False}
-HINTS = {"quick_gelu": "QuickGELU, as in OpenAI-trained weights", "custom_text": "CustomTextCLIP layout",
-         "multimodal_cfg": "a CoCa text decoder", "timm_model_name": "a timm image tower",
-         "hf_model_name": "a Hugging Face text tower", "attentional_pool": "attentional pooling",
-         "layers": "a ModifiedResNet image tower",
-         "ls_init_value": "LayerScale", "no_ln_pre": "no LayerNorm before the image blocks"}
-
 
 class ConversionError(ValueError):
     """Weights that cannot become megapgs weights; the message names the file or the option."""
@@ -91,56 +69,6 @@ class OpenCLIPWeights:
 
 # ----------------------------------------------------------------------------- OpenCLIP config -> ArchSpec
 
-def _refuse(where: str, value: Any, default: Any) -> ConversionError:
-    key = where.rsplit(".", 1)[-1]
-    hint = f" ({HINTS[key]})" if key in HINTS else ""
-    return ConversionError(f"{where} = {json.dumps(value)}{hint}: megapgs implements only OpenCLIP's default "
-                           f"({json.dumps(default)}); these weights would compute a different function")
-
-
-def _tower_structure(section: str, given: dict, cfg_class: type, where: str) -> dict[str, Any]:
-    """The tower's architecture numbers; any other option that differs from OpenCLIP's default is refused."""
-    if not isinstance(given, dict):
-        raise ConversionError(f"{where}.{section}: expected an object, got {json.dumps(given)}")
-    defaults = {field.name: field.default for field in dataclasses.fields(cfg_class)}
-    for key, value in given.items():
-        if key not in defaults:
-            raise ConversionError(f"{where}.{section}.{key}: not an option of OpenCLIP's {cfg_class.__name__}")
-        if key in STRUCTURE[section] or key in NO_EFFECT[section]:
-            continue
-        if value != defaults[key] and not (key == "block_type" and value == "default"):
-            raise _refuse(f"{where}.{section}.{key}", value, defaults[key])
-    structure = {key: given.get(key, defaults[key]) for key in STRUCTURE[section]}
-    if section == "vision_cfg":
-        if isinstance(structure["layers"], (list, tuple)):
-            raise _refuse(f"{where}.vision_cfg.layers", structure["layers"], defaults["layers"])
-        size = structure["image_size"]
-        if isinstance(size, (list, tuple)):
-            if len(size) != 2 or size[0] != size[1]:
-                raise ConversionError(f"{where}.vision_cfg.image_size = {json.dumps(size)}: megapgs's image "
-                                      "tower takes square images")
-            structure["image_size"] = size[0]
-    return structure
-
-
-def _structure(model_cfg: dict, where: str) -> dict[str, Any]:
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
-    known = {"embed_dim", "vision_cfg", "text_cfg", *TOP_LEVEL_DEFAULTS, *NO_EFFECT["model_cfg"]}
-    for key, value in model_cfg.items():
-        if key not in known:
-            hint = f" ({HINTS[key]})" if key in HINTS else ""
-            raise ConversionError(f"{where}.{key}{hint}: an option megapgs's towers do not implement")
-        if key in TOP_LEVEL_DEFAULTS and value != TOP_LEVEL_DEFAULTS[key]:
-            raise _refuse(f"{where}.{key}", value, TOP_LEVEL_DEFAULTS[key])
-    for key in ("embed_dim", "vision_cfg", "text_cfg"):
-        if key not in model_cfg:
-            raise ConversionError(f"{where}.{key}: missing")
-    return {"embed_dim": model_cfg["embed_dim"],
-            "vision_cfg": _tower_structure("vision_cfg", model_cfg["vision_cfg"], CLIPVisionCfg, where),
-            "text_cfg": _tower_structure("text_cfg", model_cfg["text_cfg"], CLIPTextCfg, where)}
-
-
 def _check_preprocess(preprocess: dict, image_size: int, where: str) -> None:
     """megapgs normalises with OpenAI's mean/std after a bicubic resize of the shorter side and a centre crop."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -160,20 +88,19 @@ def _check_preprocess(preprocess: dict, image_size: int, where: str) -> None:
                                   f"{json.dumps(want)}; the weights expect other inputs")
 
 
-def arch_for(model_cfg: dict, preprocess_cfg: dict | None = None, origin: str = "") -> ArchSpec:
-    """The megapgs ArchSpec whose OpenCLIP config is `model_cfg`'s, or ConversionError naming the
-    first option that megapgs's towers do not implement (`origin` prefixes the option's path)."""
-    where = f"{origin}model_cfg"
-    if not isinstance(model_cfg, dict):
-        raise ConversionError(f"{where}: expected an object, got {json.dumps(model_cfg)}")
-    structure = _structure(model_cfg, where)
-    for spec in ARCHS.values():
-        if _structure(openclip_model_cfg(spec), "megapgs") == structure:
-            if preprocess_cfg:
-                _check_preprocess(preprocess_cfg, spec.vision.image_size, f"{origin}preprocess_cfg")
-            return spec
-    raise ConversionError(f"{where}: no megapgs architecture has these towers ({json.dumps(structure)}); "
-                          f"megapgs has {', '.join(ARCHS)} (megapgs/models/archs.py)")
+def arch_for(model_cfg: dict, preprocess_cfg: dict | None = None, origin: str = "", name: str = "custom") -> ArchSpec:
+    """The megapgs ArchSpec of `model_cfg` (a megapgs or OpenCLIP name with the same towers, else a
+    custom spec called `name`), or ConversionError naming the first option megapgs's towers do not
+    implement (`origin` prefixes the option's path)."""
+    from megapgs.models.openclip_cfg import arch_for as spec_of
+
+    try:
+        spec = spec_of(model_cfg, name, where=f"{origin}model_cfg")
+    except ArchError as err:
+        raise ConversionError(str(err)) from None
+    if preprocess_cfg:
+        _check_preprocess(preprocess_cfg, spec.vision.image_size, f"{origin}preprocess_cfg")
+    return spec
 
 
 # ----------------------------------------------------------------------------- reading weights files
@@ -253,7 +180,8 @@ def load_openclip_state(model_name_or_dir: str, pretrained_file: str | Path | No
             raise ConversionError(f"{config_file}: not valid JSON ({err})") from None
         if not isinstance(config, dict) or "model_cfg" not in config:
             raise ConversionError(f"{config_file}: no model_cfg")
-        spec = arch_for(config["model_cfg"], config.get("preprocess_cfg"), origin=f"{config_file}: ")
+        spec = arch_for(config["model_cfg"], config.get("preprocess_cfg"), origin=f"{config_file}: ",
+                        name=str(config_file))
         found = [folder / name for name in DIR_WEIGHTS if (folder / name).is_file()]
         if not found:
             raise FileNotFoundError(f"{folder}: no weights file (one of {', '.join(DIR_WEIGHTS)})")
@@ -274,7 +202,7 @@ def load_openclip_state(model_name_or_dir: str, pretrained_file: str | Path | No
         if pretrained_file is None:
             raise ConversionError(f"architecture {name} needs its weights file (--pretrained FILE); "
                                   "megapgs downloads nothing")
-        spec = arch_for(model_cfg, origin=f"OpenCLIP's {name} config: ")
+        spec = arch_for(model_cfg, origin=f"OpenCLIP's {name} config: ", name=name)
         weights_file, model = Path(pretrained_file).resolve(), name
         state = read_state_dict(weights_file)
         has_logit_bias = "logit_bias" in state  # e.g. an OpenCLIP run of this architecture with --siglip
@@ -309,16 +237,19 @@ def _megapgs_provenance() -> dict[str, str | None]:
     return {"version": version, "commit": git.stdout.strip() if git.returncode == 0 else None}
 
 
-def write_init_checkpoint(out: Path, arch: str, state: dict[str, torch.Tensor], source: dict[str, Any]) -> list[Path]:
+def write_init_checkpoint(out: Path, arch: str | ArchSpec, state: dict[str, torch.Tensor],
+                          source: dict[str, Any]) -> list[Path]:
     """Write the initial checkpoint directory (see the module doc); returns the files written."""
     from safetensors.torch import save_file
 
+    spec = get_arch(arch)
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / INIT_JSON).is_file())):
         raise ConversionError(f"{out} exists and is not a megapgs initial checkpoint; choose a new or empty directory")
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch, "weights": INIT_WEIGHTS,
-            "has_logit_bias": "logit_bias" in state, "dtype": "float32", "tensors": len(state),
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": spec.name,
+            "model_cfg": openclip_model_cfg(spec), "weights": INIT_WEIGHTS, "has_logit_bias": "logit_bias" in state,
+            "dtype": "float32", "tensors": len(state),
             "parameters": sum(value.numel() for value in state.values()), "source": source,
             "megapgs": _megapgs_provenance(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (out / INIT_JSON).unlink(missing_ok=True)  # an overwritten checkpoint is incomplete until its JSON is back
@@ -327,26 +258,77 @@ def write_init_checkpoint(out: Path, arch: str, state: dict[str, torch.Tensor], 
     return [out / INIT_WEIGHTS, out / INIT_JSON]
 
 
-def load_init_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """(megapgs state dict, arch name) of an initial checkpoint directory, or of a megapgs run or
+def _read_init_json(path: Path) -> tuple[dict[str, Any], ArchSpec]:
+    """(the metadata, the ArchSpec) of an initial checkpoint: from its model_cfg (named by its arch),
+    or, for a file written before the towers were recorded, from the arch name alone."""
+    from megapgs.models.openclip_cfg import arch_for as spec_of
+
+    meta = json.loads((path / INIT_JSON).read_text())
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ConversionError(f"{path / INIT_JSON}: format {meta.get('format')!r} version "
+                              f"{meta.get('format_version')!r}; this megapgs reads {FORMAT!r} "
+                              f"version {FORMAT_VERSION}")
+    try:
+        if "model_cfg" in meta:
+            return meta, spec_of(meta["model_cfg"], meta["arch"], where=f"{path / INIT_JSON}: model_cfg")
+        return meta, get_arch(meta["arch"])
+    except ArchError as err:
+        raise ConversionError(str(err)) from None
+
+
+def init_arch(path: str | Path) -> ArchSpec:
+    """The ArchSpec of an initial checkpoint, or of a megapgs run or checkpoint directory, from its
+    metadata alone (no weights are read)."""
+    from megapgs.convert.checkpoint import resolve_checkpoint
+    from megapgs.train.checkpoint import COMPLETE
+
+    path = Path(path)
+    if (path / INIT_JSON).is_file():
+        return _read_init_json(path)[1]
+    checkpoint = _resolve(path, resolve_checkpoint)
+    return _run_arch(json.loads((checkpoint / COMPLETE).read_text())["config"], checkpoint)
+
+
+def _resolve(path: Path, resolve_checkpoint) -> Path:
+    try:
+        return resolve_checkpoint(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: neither a megapgs initial checkpoint (a directory with {INIT_JSON}; "
+                                "tools/convert_from_openclip.py writes one) nor a megapgs run or checkpoint "
+                                "directory") from None
+
+
+def _run_arch(config: dict[str, Any], where: Path) -> ArchSpec:
+    arch = config["model"]["arch"]
+    try:
+        return get_arch(arch)
+    except ArchError as err:
+        raise ConversionError(f"{where}: the run's model.arch {arch!r}: {err}") from None
+
+
+def load_init_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], ArchSpec]:
+    """(megapgs state dict, its ArchSpec) of an initial checkpoint directory, or of a megapgs run or
     checkpoint directory (fp32, any ZeRO stage). Reads safetensors or weights-only files only."""
     path = Path(path)
     if (path / INIT_JSON).is_file():
         from safetensors.torch import load_file
 
-        meta = json.loads((path / INIT_JSON).read_text())
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise ConversionError(f"{path / INIT_JSON}: format {meta.get('format')!r} version "
-                                  f"{meta.get('format_version')!r}; this megapgs reads {FORMAT!r} "
-                                  f"version {FORMAT_VERSION}")
-        return load_file(path / meta["weights"]), meta["arch"]
-    from megapgs.convert.checkpoint import read_checkpoint, resolve_checkpoint
+        meta, spec = _read_init_json(path)
+        return load_file(path / meta["weights"]), spec
+    from megapgs.convert.checkpoint import read_checkpoint
 
-    try:
-        resolve_checkpoint(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: neither a megapgs initial checkpoint (a directory with {INIT_JSON}; "
-                                "tools/convert_from_openclip.py writes one) nor a megapgs run or checkpoint "
-                                "directory") from None
-    state, config = read_checkpoint(path)
-    return state, config["model"]["arch"]
+    spec = init_arch(path)
+    state, _ = read_checkpoint(path)
+    return state, spec
+
+
+def init_fit_error(weights: ArchSpec, model: ArchSpec) -> str | None:
+    """None when weights of arch `weights` can initialise a model of arch `model` (the same towers; at
+    another image size the positional embeddings are interpolated), else why not: the words that
+    follow "train.init_from=... " in the run's message."""
+    differ = init_mismatch(weights, model)
+    if not differ:
+        return None
+    return (f"holds {weights.name} weights but model.arch is {model.name!r}; they must be equal: the towers differ "
+            f"in {', '.join(differ)} (only the image size may differ; the positional embeddings are then "
+            "interpolated)")

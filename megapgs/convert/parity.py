@@ -43,7 +43,7 @@ def compare(ours, theirs: torch.nn.Module, spec) -> Parity:
 
     size = spec.vision.image_size
     images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
-    tokens, lengths = Tokenizer(spec.name)(CHECK_CAPTIONS)
+    tokens, lengths = Tokenizer(spec)(CHECK_CAPTIONS)
     image_err = rel_err(theirs.encode_image(images, normalize=True), ours.encode_image(images))
     text_err = rel_err(theirs.encode_text(tokens, normalize=True), ours.encode_text(tokens, lengths))
     scalars_equal = all(_scalar(ours, name) == _scalar(theirs, name) for name in ("logit_scale", "logit_bias"))

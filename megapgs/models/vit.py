@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megapgs.models.archs import VisionSpec
@@ -54,3 +55,20 @@ class VisionTower(nn.Module):
         x_TD = self.transformer(self.ln_pre(x_TD), packed)
         pooled_BD = self.ln_post(x_TD[packed.first_rows()])  # the CLS row of each sequence
         return pooled_BD @ self.proj
+
+
+def resize_positional_embedding(pos_ND: torch.Tensor, grid: int) -> torch.Tensor:
+    """A (1 + g*g, D) positional embedding (CLS row first, then the patch grid row by row, as the patch
+    embedding flattens it) resized to a grid x grid patch grid: the CLS row kept, the 2-D grid
+    interpolated bicubically with antialiasing, as OpenCLIP's `resize_pos_embed` does (fine-tuning at
+    another image size, as FLIP and CLIPA do). Computed in fp32, returned in the input's dtype."""
+    N, D = pos_ND.shape
+    old = round((N - 1) ** 0.5)
+    if old * old != N - 1:
+        raise ValueError(f"positional embedding of {N} rows is not CLS plus a square grid")
+    if old == grid:
+        return pos_ND
+    grid_1Dgg = pos_ND[1:].float().reshape(1, old, old, D).permute(0, 3, 1, 2)
+    grid_1Dgg = F.interpolate(grid_1Dgg, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    patches_LD = grid_1Dgg.permute(0, 2, 3, 1).reshape(grid * grid, D).to(pos_ND.dtype)
+    return torch.cat([pos_ND[:1], patches_LD], dim=0)

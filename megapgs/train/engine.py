@@ -9,10 +9,13 @@ step from `schedule.lr_at`, so there is no scheduler state.
 
 `train.init_from` (an initial checkpoint from tools/convert_from_openclip.py, or a megapgs run or
 checkpoint directory) is loaded into the whole model on every rank before DeepSpeed wraps it, so
-ZeRO-3 partitions the loaded weights. Its arch must be `model.arch` and its keys and shapes the
-model's, with one exception: SigLIP training (`train.loss: siglip`) from CLIP weights, which have
-no logit_bias, keeps the fresh logit_bias (SigLIP's initial -10) and takes logit_scale from the
-weights. When `train.resume` finds a checkpoint, init_from is not read at all (megapgs/train/start.py).
+ZeRO-3 partitions the loaded weights. Its towers must be `model.arch`'s and its keys and shapes the
+model's, with two exceptions: weights of another image size (same patch size) have their
+positional embeddings interpolated to the model's grid (bicubic, CLS row kept: OpenCLIP's
+resize_pos_embed; fine-tuning at another resolution, as FLIP and CLIPA do); and SigLIP training
+(`train.loss: siglip`) from CLIP weights, which have no logit_bias, keeps the fresh logit_bias
+(SigLIP's initial -10) and takes logit_scale from the weights. When `train.resume` finds a
+checkpoint, init_from is not read at all (megapgs/train/start.py).
 """
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ from typing import Any
 import torch
 
 from megapgs.config import Config
-from megapgs.convert.init_weights import ConversionError, load_init_weights
+from megapgs.convert.init_weights import ConversionError, init_fit_error, load_init_weights
 from megapgs.dist import DistInfo, join_process_group
 from megapgs.models.blocks import Block
 from megapgs.models.clip import CLIP, build_model, compile_blocks
+from megapgs.models.vit import resize_positional_embedding
 from megapgs.train.plan import RunPlan
 from megapgs.train.safe_load import UnsafeCheckpointError
 
@@ -77,15 +81,23 @@ class InitWeightsError(ValueError):
 
 
 def load_init_from(model: CLIP, cfg: Config, init_from: str) -> None:
-    """Load the `train.init_from` weights into the freshly built model (see the module doc for the one
-    exception)."""
+    """Load the `train.init_from` weights into the freshly built model (see the module doc for the two
+    exceptions)."""
     where = f"train.init_from={init_from!r}"
     try:
-        state, arch = load_init_weights(init_from)
+        state, spec = load_init_weights(init_from)
     except (FileNotFoundError, ConversionError, UnsafeCheckpointError) as err:
         raise InitWeightsError(f"{where}: {err}") from None
-    if arch != cfg.model.arch:
-        raise InitWeightsError(f"{where} holds {arch} weights but model.arch is {cfg.model.arch!r}; they must be equal")
+    problem = init_fit_error(spec, model.spec)
+    if problem:
+        raise InitWeightsError(f"{where} {problem}")
+    arch, resized = spec.name, ""
+    if spec.vision.grid != model.spec.vision.grid and "visual.positional_embedding" in state:
+        old, new = spec.vision.grid, model.spec.vision.grid
+        state = {**state, "visual.positional_embedding":
+                 resize_positional_embedding(state["visual.positional_embedding"], new)}
+        resized = (f"; image positional embeddings interpolated from {old}x{old} ({spec.vision.image_size} px) to "
+                   f"{new}x{new} ({model.spec.vision.image_size} px)")
     expected = model.state_dict()
     fresh_bias = cfg.train.loss == "siglip" and "logit_bias" in expected and "logit_bias" not in state
     if fresh_bias:
@@ -104,7 +116,7 @@ def load_init_from(model: CLIP, cfg: Config, init_from: str) -> None:
     model.load_state_dict(state)
     note = (f"; kept the fresh logit_bias = {float(model.logit_bias.detach()):g} (the weights have none), "
             f"logit_scale = {float(model.logit_scale.detach()):.4f} from the weights" if fresh_bias else "")
-    log.info("initial weights: %s from %s (%d tensors)%s", arch, init_from, len(state), note)
+    log.info("initial weights: %s from %s (%d tensors)%s%s", arch, init_from, len(state), resized, note)
 
 
 def build_engine(cfg: Config, plan: RunPlan, dist: DistInfo, init_from: str | None = None):

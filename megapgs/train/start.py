@@ -2,7 +2,7 @@
 `train.init_from` weights, or a fresh initialisation.
 
     train.resume finds a complete checkpoint   -> resume it (init_from is not read)
-    else, train.init_from set                  -> those weights (their arch checked now)
+    else, train.init_from set                  -> those weights (their towers checked now)
     else                                       -> fresh weights from train.seed
 
 A fresh start (train.resume: none) in an output directory that already holds complete checkpoints
@@ -11,13 +11,13 @@ is refused: it would overwrite and prune another run's checkpoints. Continue tha
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from megapgs.config import Config
-from megapgs.train.checkpoint import COMPLETE, complete_checkpoints, find_resume
+from megapgs.models.archs import ArchSpec, get_arch
+from megapgs.train.checkpoint import complete_checkpoints, find_resume
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +32,14 @@ class StartPoint:
     init_from: str | None      # initial weights to load (only when nothing is resumed)
 
 
-def weights_arch(path: str) -> str:
+def weights_arch(path: str) -> ArchSpec:
     """The arch of an initial checkpoint or of a megapgs run/checkpoint, from its metadata alone."""
-    from megapgs.convert.checkpoint import resolve_checkpoint
-    from megapgs.convert.init_weights import INIT_JSON
+    from megapgs.convert.init_weights import ConversionError, init_arch
 
-    folder = Path(path)
-    if (folder / INIT_JSON).is_file():
-        return json.loads((folder / INIT_JSON).read_text())["arch"]
     try:
-        checkpoint = resolve_checkpoint(folder)
-    except FileNotFoundError:
-        raise StartError(f"train.init_from={path!r}: neither a megapgs initial checkpoint (a directory with "
-                         f"{INIT_JSON}; tools/convert_from_openclip.py writes one) nor a megapgs run or "
-                         "checkpoint directory") from None
-    return json.loads((checkpoint / COMPLETE).read_text())["config"]["model"]["arch"]
+        return init_arch(path)
+    except (FileNotFoundError, ConversionError) as err:
+        raise StartError(f"train.init_from={path!r}: {err}") from None
 
 
 def decide_start(cfg: Config) -> StartPoint:
@@ -66,8 +59,9 @@ def decide_start(cfg: Config) -> StartPoint:
                          f"{existing[-1].name}) and train.resume is 'none': continue that run with --resume auto, "
                          "or start afresh in another train.output_dir (a fresh run here would overwrite them)")
     if cfg.train.init_from:
-        arch = weights_arch(cfg.train.init_from)
-        if arch != cfg.model.arch:
-            raise StartError(f"train.init_from={cfg.train.init_from!r} holds {arch} weights but model.arch is "
-                             f"{cfg.model.arch!r}; they must be equal")
+        from megapgs.convert.init_weights import init_fit_error
+
+        problem = init_fit_error(weights_arch(cfg.train.init_from), get_arch(cfg.model.arch))
+        if problem:
+            raise StartError(f"train.init_from={cfg.train.init_from!r} {problem}")
     return StartPoint(None, cfg.train.init_from)

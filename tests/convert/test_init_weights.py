@@ -70,9 +70,10 @@ def test_openclip_dir_to_init_checkpoint_gives_openclip_embeddings(tmp_path):
     assert meta["source"]["openclip_model"] == f"local-dir:{folder.resolve()}"
     assert sorted(p.name for p in (tmp_path / "init").iterdir()) == [INIT_JSON, INIT_WEIGHTS]  # no temp files left
 
-    state, arch = load_init_weights(tmp_path / "init")
-    assert arch == "tiny-28" and state["logit_scale"].shape == (1,)
-    ours = CLIP(get_arch(arch)).eval()
+    state, spec = load_init_weights(tmp_path / "init")
+    assert spec == get_arch("tiny-28") and state["logit_scale"].shape == (1,)
+    assert meta["model_cfg"] == openclip_model_cfg(spec)
+    ours = CLIP(spec).eval()
     ours.load_state_dict(state)
     images = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
     tokens = torch.zeros(3, 16, dtype=torch.int64)
@@ -143,7 +144,11 @@ REFUSED = {
                       "hf_model_name"),
     "custom text": ({**TINY_CFG, "custom_text": True}, None, "model_cfg.custom_text"),
     "unknown option": ({**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "rope": True}}, None, "vision_cfg.rope"),
-    "other towers": ({**TINY_CFG, "embed_dim": 80}, None, "no megapgs architecture"),
+    "grid that does not tile the image": ({**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "image_size": 30}},
+                                          None, "model_cfg.vision_cfg.image_size = 30: not a multiple of"),
+    "vocabulary smaller than the tokenizer's": (
+        {**TINY_CFG, "text_cfg": {**TINY_CFG["text_cfg"], "vocab_size": 100}}, None,
+        "model_cfg.text_cfg.vocab_size = 100"),
     "ImageNet mean": (TINY_CFG, {"mean": [0.485, 0.456, 0.406]}, "preprocess_cfg.mean"),
     "squash resize": (TINY_CFG, {"resize_mode": "squash"}, "preprocess_cfg.resize_mode"),
 }
@@ -266,4 +271,63 @@ def test_init_from_errors_name_the_key(tmp_path, tiny_init):
     state, _ = load_init_weights(tiny_init)
     write_init_checkpoint(tiny_init, "tiny-28", {k: v for k, v in state.items() if k != "text.ln_final.weight"}, {})
     with pytest.raises(InitWeightsError, match=r"missing \['text.ln_final.weight'\]"):
+        load_init_from(build_model(cfg.model), cfg, cfg.train.init_from)
+
+
+# ----------------------------------------------------------------------------- other archs (issue 16)
+
+def test_custom_towers_convert_under_the_config_files_name(tmp_path):
+    """An OpenCLIP directory whose towers no named arch has converts as a custom arch, recorded in the
+    initial checkpoint (model_cfg), so nothing but the checkpoint is needed to load it."""
+    import open_clip
+
+    cfg = {**TINY_CFG, "embed_dim": 80}
+    torch.manual_seed(3)
+    folder = write_openclip_dir(tmp_path / "openclip", open_clip.model.CLIP(**cfg).eval(), cfg)
+    source = load_openclip_state(str(folder))
+    assert source.spec.name == str(folder / "open_clip_config.json") and source.spec.embed_dim == 80
+    write_init_checkpoint(tmp_path / "init", source.spec, megapgs_state(source), source.describe())
+    (folder / "open_clip_config.json").unlink()  # the initial checkpoint stands alone
+    state, spec = load_init_weights(tmp_path / "init")
+    assert spec.numbers() == source.spec.numbers() and spec.openclip_name is None
+    assert_same_state(to_openclip(state, source.state), source.state)
+
+
+def with_arch(cfg, arch):
+    return validate({**cfg.model_dump(mode="json"), "model": {"arch": arch}})
+
+
+def json_arch(tmp_path, name, **vision):
+    cfg = openclip_model_cfg(get_arch("tiny-28"))
+    path = tmp_path / name
+    path.write_text(json.dumps({**cfg, "vision_cfg": {**cfg["vision_cfg"], **vision}}))
+    return str(path)
+
+
+def test_init_from_at_another_image_size_interpolates_the_positional_embeddings(tmp_path, tiny_init, caplog):
+    from open_clip.model import resize_pos_embed
+
+    arch56 = json_arch(tmp_path, "tiny56.json", image_size=56)
+    cfg = with_arch(train_config(tmp_path, init_from=str(tiny_init)), arch56)
+    model = build_model(cfg.model)
+    with caplog.at_level("INFO"):
+        load_init_from(model, cfg, cfg.train.init_from)
+    assert "interpolated from 7x7 (28 px) to 14x14 (56 px)" in caplog.text
+    state, _ = load_init_weights(tiny_init)
+    openclip_way = {"visual.positional_embedding": state["visual.positional_embedding"].clone()}
+    resize_pos_embed(openclip_way, type("M", (), {"visual": type("V", (), {"grid_size": (14, 14)})()})())
+    loaded = model.state_dict()
+    assert torch.equal(loaded["visual.positional_embedding"], openclip_way["visual.positional_embedding"])
+    for key, value in state.items():
+        if key != "visual.positional_embedding":
+            assert torch.equal(loaded[key], value), key
+    with torch.no_grad():  # the model runs at 56 px
+        assert model.encode_image(torch.randn(2, 3, 56, 56)).shape == (2, 64)
+
+
+def test_init_from_of_another_patch_size_is_refused(tmp_path, tiny_init):
+    arch = json_arch(tmp_path, "tiny56p8.json", image_size=56, patch_size=8)
+    cfg = with_arch(train_config(tmp_path, init_from=str(tiny_init)), arch)
+    with pytest.raises(InitWeightsError, match=r"holds tiny-28 weights but model.arch is .*tiny56p8.json'.*"
+                                               r"differ in vision.patch_size 4 vs 8 \(only the image size may differ"):
         load_init_from(build_model(cfg.model), cfg, cfg.train.init_from)

@@ -61,3 +61,18 @@ def test_init_from_is_checked_before_the_run(tmp_path):
 def test_a_resume_path_without_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(StartError, match="no complete megapgs checkpoint"):
         decide_start(config(tmp_path, f"train.resume={tmp_path / 'nowhere'}"))
+
+
+def test_init_from_at_another_image_size_is_accepted(tmp_path):
+    """Only the image size may differ (the positional embeddings are interpolated when loading)."""
+    from megapgs.convert.openclip import openclip_model_cfg
+    from megapgs.models.archs import get_arch
+
+    good = init_dir(tmp_path / "init28", "tiny-28")
+    cfg = openclip_model_cfg(get_arch("tiny-28"))
+    for name, vision in (("tiny56.json", {"image_size": 56}), ("tiny56p8.json", {"image_size": 56, "patch_size": 8})):
+        (tmp_path / name).write_text(json.dumps({**cfg, "vision_cfg": {**cfg["vision_cfg"], **vision}}))
+    assert decide_start(config(tmp_path, f"train.init_from={good}", f"model.arch={tmp_path / 'tiny56.json'}")) \
+        == StartPoint(None, str(good))
+    with pytest.raises(StartError, match="differ in vision.patch_size 4 vs 8"):
+        decide_start(config(tmp_path, f"train.init_from={good}", f"model.arch={tmp_path / 'tiny56p8.json'}"))
