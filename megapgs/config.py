@@ -215,7 +215,9 @@ class EvalConfig(_Section):
     shards: str | None = Field(
         None, description="held-out shards in clip_benchmark's wds layout (Fashion-MNIST: its test split)")
     batch_size: int = Field(512, ge=1, description="images per evaluation batch")
-    max_samples: int | None = Field(None, ge=1, description="evaluate on at most this many samples")
+    max_samples: int | None = Field(None, ge=1, description="evaluate on the first this many samples of the set")
+    workers: int = Field(0, ge=0, description="processes per rank decoding held-out images (0: the training "
+                         "process); the ranks share the set")
 
 
 class LogConfig(_Section):

@@ -144,6 +144,23 @@ def all_gather_rows(rows_BE: torch.Tensor, dist: DistInfo, with_grad: bool) -> t
     return torch.cat(parts, dim=0)
 
 
+def all_gather_varlen(rows: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+    """Every rank's rows (any number each, the same trailing shape and dtype), concatenated in rank
+    order, on the communication device. Reads the counts back to the host: not for a training step."""
+    rows = rows.to(dist.comm_device)
+    if dist.world_size == 1:
+        return rows
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=dist.comm_device)
+    counts = [torch.empty_like(count) for _ in range(dist.world_size)]
+    tdist.all_gather(counts, count)
+    sizes = [int(c) for c in torch.cat(counts).cpu()]
+    padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
+    padded[:rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(dist.world_size)]
+    tdist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
 def mean_over_ranks(value: torch.Tensor, dist: DistInfo) -> torch.Tensor:
     """The mean over ranks of a 0-d value; its gradient is that of the local term."""
     if dist.world_size == 1:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -131,41 +132,51 @@ def folder_task(args) -> tuple[list[str], list[str]]:
     return classnames, templates
 
 
-def with_progress(batches, total_samples: int | None, batch_size: int):
+def with_progress(batches, total_batches: int | None, show: bool):
     """The batches behind a progress bar on stderr (stdout keeps the one JSON line)."""
     from rich.progress import track
 
     from megapgs.log import console
 
-    total = math.ceil(total_samples / batch_size) if total_samples else None
-    return track(batches, description="evaluate", total=total, console=console, transient=True,
-                 disable=not console.is_terminal)
+    return track(batches, description="evaluate", total=total_batches, console=console, transient=True,
+                 disable=not (show and console.is_terminal))
 
 
 def run(args) -> dict[str, float]:
-    from megapgs.data.eval_data import iter_eval_batches, iter_folder_batches
-    from megapgs.data.shards import count_samples
+    from megapgs.data.eval_data import eval_units, iter_folder_batches, iter_unit_batches, rank_units
+    from megapgs.data.faults import SkipCounter
+    from megapgs.dist import init_distributed
     from megapgs.evals.evaluate import eval_shards, evaluate_batches
     from megapgs.evals.zeroshot import read_classnames_and_templates
 
+    dist = init_distributed()  # under torchrun the ranks share the set
+    dist = type(dist)(dist.rank, dist.world_size, dist.local_rank, torch.device("cpu"))
     model, tokenizer, image_size = load_model(args.model, args.pretrained)
+    skips = SkipCounter()
     if args.images is not None:
+        if dist.world_size > 1:
+            raise ValueError("--images is evaluated by one process; --data shards can be shared by ranks")
         classnames, templates = folder_task(args)
-        batches = iter_folder_batches(args.images, image_size=image_size, batch_size=args.batch_size)
-        total, retrieval = None, False  # folders have no captions
+        batches = iter_folder_batches(args.images, image_size=image_size, batch_size=args.batch_size, skips=skips)
+        total = math.ceil(args.max_samples / args.batch_size) if args.max_samples else None
+        retrieval, max_samples = False, args.max_samples  # folders have no captions
     else:
-        shards = eval_shards(args.data)
         classnames, templates = read_classnames_and_templates(args.data)
-        batches = iter_eval_batches(shards, image_size=image_size, batch_size=args.batch_size)
-        total, retrieval = count_samples(shards), not args.no_retrieval
-    if args.max_samples is not None:
-        total = min(total or args.max_samples, args.max_samples)
-    print(f"evaluate: {args.model}, {len(classnames)} classes x {len(templates)} template(s)"
-          f"{', retrieval' if retrieval else ''}", file=sys.stderr)
-    return evaluate_batches(model, with_progress(batches, total, args.batch_size), tokenizer,
-                            device=torch.device("cpu"), classnames=classnames, templates=templates,
-                            retrieval=retrieval, max_samples=args.max_samples,
-                            source=args.images or args.data)
+        units = rank_units(eval_units(eval_shards(args.data), args.batch_size, args.max_samples),
+                           dist.rank, dist.world_size)
+        batches = iter_unit_batches(units, image_size=image_size, workers=args.workers, skips=skips)
+        total, retrieval, max_samples = len(units), not args.no_retrieval, None
+    if dist.is_main:
+        print(f"evaluate: {args.model}, {len(classnames)} classes x {len(templates)} template(s)"
+              f"{', retrieval' if retrieval else ''}"
+              f"{f', shared by {dist.world_size} ranks' if dist.world_size > 1 else ''}", file=sys.stderr)
+    metrics = evaluate_batches(model, with_progress(batches, total, dist.is_main), tokenizer,
+                               device=dist.device, classnames=classnames, templates=templates,
+                               retrieval=retrieval, max_samples=max_samples, source=args.images or args.data,
+                               dist=dist, image_size=image_size, prompt_batch_size=args.batch_size)
+    if skips.total:
+        metrics["eval_skipped"] = float(skips.total)  # this rank's
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--no-retrieval", action="store_true", help="zero-shot classification only")
+    parser.add_argument("--workers", type=int, default=0, help="processes decoding --data shards (per rank)")
     args = parser.parse_args(argv)
     if args.images is None and (args.classnames or args.templates):
         parser.error("--classnames/--templates go with --images (a --data root holds its own)")
@@ -191,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rounded = {name: round(value, 4) for name, value in metrics.items()}
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # every rank has the numbers; rank 0 prints them
     print(json.dumps({"model": args.model, "data": str(args.images or args.data), **rounded}))
     return 0
 

@@ -10,7 +10,7 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Collection, Iterable, Iterator, Sequence
 
 import webdataset as wds
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -124,9 +124,12 @@ def iter_manifest_urls(manifest: dict) -> Iterator[str]:
 
 # ----------------------------------------------------------------------------- reading
 
-def read_shard(path: str, skips: SkipCounter) -> Iterator[dict]:
+def read_shard(path: str, skips: SkipCounter, numbers: Collection[int] | None = None) -> Iterator[dict]:
     """The complete samples of one local shard, in tar order: webdataset dicts (`__key__`,
-    `__url__`, one bytes value per extension, lower-cased).
+    `__url__`, one bytes value per extension, lower-cased). With `numbers`, only the samples of
+    those numbers in tar order (0 first): the bytes of the others are not read, reading ends after
+    the last, and a fault is counted only by the reader taking the sample it damaged (sample 0 for
+    a missing or empty file), so readers of parts of a shard count each fault once.
 
     A missing or zero-byte file, a tar without samples, and a tar cut short or corrupt from some
     point on are counted in `skips` (`shard_missing`, `shard_empty`, `tar_truncated`); a truncated
@@ -135,19 +138,22 @@ def read_shard(path: str, skips: SkipCounter) -> Iterator[dict]:
     iterator ends silently when a cut falls on a member header, so we read with tarfile and check
     that the archive ends with tar's end-of-archive block.
     """
+    wanted = (lambda n: True) if numbers is None else numbers.__contains__
+    stop = None if numbers is None else max(numbers, default=-1) + 1
+    counted = skips if wanted(0) else SkipCounter()  # a fault of the whole file: the reader of sample 0
     try:
         stream = open(path, "rb")
     except OSError as err:
-        skips.add("shard_missing", path, err.strerror or str(err))
+        counted.add("shard_missing", path, err.strerror or str(err))
         return
     with stream:
         size = os.fstat(stream.fileno()).st_size
         if size == 0:
-            skips.add("shard_empty", path, "zero bytes")
+            counted.add("shard_empty", path, "zero bytes")
             return
         sample: dict | None = None
         reading: str | None = None  # the key of the member being read
-        delivered = 0
+        begun = delivered = 0       # samples begun (their number in the tar), and yielded
         try:
             with tarfile.open(fileobj=stream, mode="r:") as archive:
                 for member in archive:
@@ -158,13 +164,16 @@ def read_shard(path: str, skips: SkipCounter) -> Iterator[dict]:
                     if key is None:
                         continue
                     reading = key
-                    data = archive.extractfile(member).read()  # raises ReadError on a cut
                     if sample is None or key != sample["__key__"]:
-                        if sample is not None:
+                        if sample is not None and wanted(begun - 1):
                             yield sample
                             delivered += 1
+                        if stop is not None and begun >= stop:
+                            return
+                        begun += 1
                         sample = {"__key__": key, "__url__": path}
-                    sample[ext.lower()] = data
+                    if wanted(begun - 1):
+                        sample[ext.lower()] = archive.extractfile(member).read()  # raises ReadError on a cut
                 end_offset = archive.offset
             stream.seek(end_offset)
             if stream.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
@@ -172,21 +181,23 @@ def read_shard(path: str, skips: SkipCounter) -> Iterator[dict]:
         except (tarfile.TarError, OSError, EOFError) as err:
             # The held sample is complete when the damage is in a member of the next sample; when
             # the damage is in a header we cannot know whose, so it is lost with the rest.
-            if sample is not None and reading is not None and reading != sample["__key__"]:
+            if sample is not None and reading is not None and reading != sample["__key__"] and wanted(begun - 1):
                 yield sample
                 delivered += 1
-            skips.add("tar_truncated", path, f"after {delivered} samples: {err}")
+            if wanted(max(begun - 1, 0)):
+                where = f"after {delivered} samples" if numbers is None else f"at sample {max(begun - 1, 0)}"
+                skips.add("tar_truncated", path, f"{where}: {err}")
             return
-        if sample is not None:
+        if sample is not None and wanted(begun - 1):
             yield sample
             delivered += 1
-        if delivered == 0:
-            skips.add("shard_empty", path, "a tar without samples")
+        if begun == 0:
+            counted.add("shard_empty", path, "a tar without samples")
 
 
-def count_samples(shards: Sequence[str]) -> int:
-    """Samples in these shards, as written: from the manifests beside them, else the first line
-    of their DALI indexes, else a scan of their tar headers (local files only)."""
+def sample_counts(shards: Sequence[str]) -> list[int]:
+    """Samples in each of these shards, as written: from the manifests beside them, else the first
+    line of their DALI indexes, else a scan of their tar headers (local files only; 0 if missing)."""
     known: dict[str, int] = {}  # absolute shard path -> samples, from manifests
     for folder in {Path(s).resolve().parent for s in shards}:
         if (folder / MANIFEST).is_file():
@@ -194,13 +205,34 @@ def count_samples(shards: Sequence[str]) -> int:
                 known.update((s["path"], s["samples"]) for s in read_manifest(folder / MANIFEST)["shards"])
             except (ValueError, KeyError):
                 pass
-    total = 0
+    counts = []
     for shard in shards:
         path = Path(shard).resolve()
         if str(path) in known:
-            total += known[str(path)]
+            counts.append(known[str(path)])
         elif path.with_suffix(".idx").is_file():
-            total += int(path.with_suffix(".idx").read_text().split(maxsplit=2)[1])
-        elif path.is_file():
-            total += sum(1 for _ in read_shard(shard, SkipCounter()))
-    return total
+            counts.append(int(path.with_suffix(".idx").read_text().split(maxsplit=2)[1]))
+        else:
+            counts.append(_scan_count(str(path)) if path.is_file() else 0)
+    return counts
+
+
+def _scan_count(shard: str) -> int:
+    """Samples in a tar by its member headers alone (no member is read)."""
+    keys, last = 0, None
+    try:
+        with tarfile.open(shard, mode="r:") as archive:
+            for member in archive:
+                archive.members = []
+                key, _ = base_plus_ext(member.name) if member.isreg() and not member.name.startswith("__") \
+                    else (None, None)
+                if key is not None and key != last:
+                    keys, last = keys + 1, key
+    except (tarfile.TarError, OSError, EOFError):
+        pass  # counted up to the damage; reading it counts the fault
+    return keys
+
+
+def count_samples(shards: Sequence[str]) -> int:
+    """Samples in these shards, as written (see `sample_counts`)."""
+    return sum(sample_counts(shards))

@@ -93,7 +93,8 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: Sta
             return {}
         metrics = evaluate(engine.module, data.eval_root, tokenizer, image_size=arch.vision.image_size,
                            batch_size=cfg.eval.batch_size, device=device, zeroshot=cfg.eval.zeroshot,
-                           retrieval=cfg.eval.retrieval, max_samples=cfg.eval.max_samples)
+                           retrieval=cfg.eval.retrieval, max_samples=cfg.eval.max_samples, dist=dist,
+                           workers=cfg.eval.workers)
         writer.write(step, metrics, kind="eval")
         if dist.is_main:
             log.info("eval at step %d: %s", step, describe_eval(metrics))
