@@ -16,10 +16,13 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as tdist
 import torch.distributed.nn.functional as tdist_nn
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -179,3 +182,18 @@ def any_rank(flag: bool, dist: DistInfo) -> bool:
         votes = votes.to(dist.comm_device)      # (and reading the vote back waits for the GPU)
     tdist.all_reduce(votes)  # a CPU tensor goes to the group's gloo backend
     return bool(votes.cpu()[0])
+
+
+def in_lockstep(items: Iterable[T], dist: DistInfo) -> Iterator[T | None]:
+    """Each item, then None until every rank's items have ended: all ranks go round the same number
+    of times (one CPU vote a round when there are several)."""
+    items = iter(items)
+    end = object()
+    while True:
+        item = next(items, end)
+        more = item is not end
+        if dist.world_size > 1:
+            more = any_rank(more, dist)
+        if not more:
+            return
+        yield None if item is end else item

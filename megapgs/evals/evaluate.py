@@ -15,19 +15,18 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, TypeVar
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from megapgs.data.eval_data import EvalBatch, eval_units, iter_unit_batches, rank_units
 from megapgs.data.faults import SkipCounter
-from megapgs.dist import DistInfo, all_gather_varlen, all_reduce_sum, any_rank
+from megapgs.dist import DistInfo, all_gather_varlen, all_reduce_sum, in_lockstep
 from megapgs.evals.retrieval import recall_at_k
-from megapgs.evals.zeroshot import read_classnames_and_templates, topk_correct
+from megapgs.evals.zeroshot import class_embeddings, read_classnames_and_templates, topk_correct
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def eval_shards(root: Path) -> list[str]:
@@ -58,21 +57,6 @@ def evaluate(model, root: Path, tokenizer, *, image_size: int, batch_size: int, 
     if skipped:
         metrics["eval_skipped"] = float(skipped)
     return metrics
-
-
-def in_lockstep(items: Iterable[T], dist: DistInfo) -> Iterator[T | None]:
-    """Each item, then None until every rank's items have ended: all ranks go round the same number
-    of times (one CPU vote a round when there are several)."""
-    items = iter(items)
-    end = object()
-    while True:
-        item = next(items, end)
-        more = item is not end
-        if dist.world_size > 1:
-            more = any_rank(more, dist)
-        if not more:
-            return
-        yield None if item is end else item
 
 
 @torch.no_grad()
@@ -149,27 +133,6 @@ def evaluate_batches(model, batches: Iterable[EvalBatch | None], tokenizer, *, d
     metrics["eval_seconds"] = time.perf_counter() - started
     model.train(was_training)
     return metrics
-
-
-def class_embeddings(encode_text, classnames: Sequence[str], templates: Sequence[str], dist: DistInfo,
-                     batch_size: int) -> torch.Tensor:
-    """(C, E) unit-norm zero-shot classifier, CLIP's recipe: each class's embeddings of every template
-    averaged and renormalised. The C x T prompts go through the text tower in batches, each rank
-    embedding its block of them."""
-    if not classnames or not templates:
-        raise ValueError("zero-shot classification needs class names and templates")
-    prompts = [template.replace("{c}", name) for name in classnames for template in templates]
-    chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-    mine = chunks[dist.rank * len(chunks) // dist.world_size:(dist.rank + 1) * len(chunks) // dist.world_size]
-    rows, width, device = [], 0, "cpu"
-    for chunk in in_lockstep(mine, dist):
-        embedded = encode_text(chunk if chunk is not None else [""])  # [""]: the others' ZeRO-3 gathers need it
-        width, device = embedded.shape[1], embedded.device
-        if chunk is not None:
-            rows.append(embedded.float())
-    embedded = all_gather_varlen(_rows(rows, width, device), dist)
-    per_class = embedded.view(len(classnames), len(templates), -1)
-    return F.normalize(per_class.mean(dim=1), dim=1)
 
 
 def _rows(parts: list[torch.Tensor], width: int, device) -> torch.Tensor:
