@@ -13,21 +13,26 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from rich.table import Table
 
+from megapgs import exit_codes
 from megapgs.config import ConfigError, load_config
 from megapgs.data.prepare import DataError, prepare_data
 from megapgs.dist import init_distributed
 from megapgs.log import console, setup_logging
 from megapgs.packed import Packed
+from megapgs.train.checkpoint import complete_checkpoints
 from megapgs.train.engine import InitWeightsError
 from megapgs.train.loop import RunSummary, train
 from megapgs.train.plan import RunPlan, plan_run
 from megapgs.train.preempt import PREEMPTED_EXIT
+from megapgs.train.resume_check import ResumeRefused, check_resume
 from megapgs.train.safe_load import UnsafeCheckpointError
 from megapgs.train.start import StartError, decide_start
+from megapgs.train.storage import DiskFullError, OutputDirError, disk_full_message, is_out_of_space, prepare_output_dir
 
 log = logging.getLogger("megapgs")
 
@@ -79,34 +84,61 @@ def plan_table(cfg, plan: RunPlan, data_text: str) -> Table:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one rank; returns its exit code (megapgs/exit_codes.py)."""
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_codes.BAD_INPUT
     dist = init_distributed()
     setup_logging(cfg.log.level, dist.rank)
     started = time.perf_counter()
     try:
+        prepare_output_dir(cfg.train.output_dir)
         start = decide_start(cfg)
+        accepted = check_resume(cfg, start.resume_from) if start.resume_from is not None else []
         data = prepare_data(cfg, dist)
         plan = plan_run(cfg, dist, data)
+    except OutputDirError as err:
+        log.error("%s", err)
+        return exit_codes.OUTPUT_DIR
+    except ResumeRefused as err:
+        log.error("%s", err)
+        return exit_codes.RESUME_REFUSED
     except (ConfigError, DataError, FileNotFoundError, StartError) as err:
         log.error("%s", err)
-        return 2
+        return exit_codes.BAD_INPUT
+    except OSError as err:
+        if not is_out_of_space(err):
+            raise
+        log.error("%s", disk_full_message("preparing the run", Path(err.filename or cfg.train.output_dir), err, None))
+        return exit_codes.DISK_FULL
     if dist.is_main:
         console.print(plan_table(cfg, plan, data.describe()))
+        if accepted:
+            log.info("resuming %s with changed settings: %s", start.resume_from, "; ".join(accepted))
         log.info("config valid, data ready in %.1f s", time.perf_counter() - started)
     try:
         summary = train(cfg, dist, data, plan, start)
     except (DataError, InitWeightsError, UnsafeCheckpointError) as err:
         log.error("%s", err)
-        return 2
+        return exit_codes.BAD_INPUT
+    except DiskFullError as err:
+        log.error("%s", err)
+        return exit_codes.DISK_FULL
+    except OSError as err:  # the logs or metrics, say, on a disk that filled
+        if not is_out_of_space(err):
+            raise
+        ckpt_dir = Path(cfg.train.output_dir) / "checkpoints"
+        complete = complete_checkpoints(ckpt_dir)
+        log.error("%s", disk_full_message(f"writing {err.filename or cfg.train.output_dir}", ckpt_dir, err,
+                                          complete[-1] if complete else None))
+        return exit_codes.DISK_FULL
     if dist.is_main:
         print(summary_line(summary, cfg.train.output_dir), flush=True)
-    return PREEMPTED_EXIT if summary.stopped_by else 0
+    return exit_codes.PREEMPTED if summary.stopped_by else exit_codes.OK
 
 
 def summary_line(summary: RunSummary, output_dir: str) -> str:

@@ -18,6 +18,7 @@ import logging
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from megapgs.atomic import write_atomically
 from megapgs.dist import DistInfo
 from megapgs.train.safe_load import load_weights_only, vet_checkpoint_dir
+from megapgs.train.storage import DiskFullError, disk_full_message, is_out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +91,41 @@ def find_resume(ckpt_dir: Path, resume: str) -> Path | None:
 
 def save_checkpoint(engine, ckpt_dir: Path, state: TrainState, dist: DistInfo, keep_last: int,
                     config_json: str) -> Path:
-    """Write a checkpoint on every rank; returns its directory once it is complete."""
+    """Write a checkpoint on every rank; returns its directory once it is complete. A rank whose
+    disk fills raises DiskFullError (its launcher then stops the other ranks): the half-written
+    checkpoint is removed and `latest` stays on the previous one."""
     tag = tag_for(state.step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     path = ckpt_dir / tag
     payload = {"step": state.step, "samples_seen": state.samples_seen, "loader": state.loader,
                "rng": _rng_state(), "world_size": dist.world_size}
-    write_atomically(path / f"megapgs_rank{dist.rank}.pt", lambda tmp: torch.save(payload, tmp))
+    with _space_checked(ckpt_dir, path):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+        write_atomically(path / f"megapgs_rank{dist.rank}.pt", lambda tmp: torch.save(payload, tmp))
     dist.barrier()  # every rank's files are in place before the checkpoint is declared complete
     if dist.is_main:
         marker = {"step": state.step, "samples_seen": state.samples_seen, "world_size": dist.world_size,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": json.loads(config_json)}
-        write_atomically(path / COMPLETE, lambda tmp: tmp.write_text(json.dumps(marker, indent=1)))
+        with _space_checked(ckpt_dir, path):
+            write_atomically(path / COMPLETE, lambda tmp: tmp.write_text(json.dumps(marker, indent=1)))
         write_atomically(ckpt_dir / "latest", lambda tmp: tmp.write_text(tag))
         _prune(ckpt_dir, keep_last)
     dist.barrier()
     return path
+
+
+@contextmanager
+def _space_checked(ckpt_dir: Path, path: Path):
+    """Turns a write that ran out of space into DiskFullError naming the last complete checkpoint,
+    after removing the half-written `path` (which frees what it took)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if not is_out_of_space(err):
+            raise
+        shutil.rmtree(path, ignore_errors=True)
+        complete = complete_checkpoints(ckpt_dir)
+        raise DiskFullError(disk_full_message(f"writing checkpoint {path}", ckpt_dir, err,
+                                              complete[-1] if complete else None)) from None
 
 
 def _prune(ckpt_dir: Path, keep_last: int) -> None:
