@@ -75,9 +75,15 @@ def _free_port() -> int:
 
 
 def join_process_group(dist: DistInfo) -> None:
-    """Create the process group (once) and let DeepSpeed's comm layer adopt it."""
+    """Create the process group (once) and let DeepSpeed's comm layer adopt it, without DeepSpeed's
+    shared-memory op (megapgs/shm.py); the node's first rank first removes /dev/shm files of dead runs."""
     import deepspeed  # slow to import; only the engine and multi-rank start-up need it
 
+    from megapgs.shm import disable_deepspeed_shm_op, sweep_stale_files
+
+    disable_deepspeed_shm_op()
+    if dist.is_local_main:
+        sweep_stale_files()
     if tdist.is_initialized():
         deepspeed.init_distributed(verbose=False)  # adopts the group that is already there
         return

@@ -73,7 +73,7 @@ def test_two_ranks_under_torchrun(tmp_path, small_fashion_mnist):
 @pytest.mark.multiprocess
 def test_two_ranks_under_the_deepspeed_launcher(tmp_path, small_fashion_mnist):
     """`deepspeed --num_gpus 2` on a CPU machine: gloo ranks, `--local_rank` appended by the launcher.
-    (The first run on a machine also compiles DeepSpeed's shm op, about 40 s.)"""
+    (DeepSpeed's shm op is neither built nor started: megapgs/shm.py, tests/e2e/test_dev_shm.py.)"""
     launcher = (os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
                 "--master_port", "29544")
     result = _run(["launch/pretrain.py", *TWO_RANKS, "--set", f"train.output_dir={tmp_path / 'run'}"],
