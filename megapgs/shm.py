@@ -17,8 +17,9 @@ A run killed with SIGKILL runs no handler, and files from before this (or from o
 Python multiprocessing programs of the same user: `sem.mp-*`, the named semaphores of spawn and
 forkserver pools, which their resource tracker unlinks only if it outlives them) stay.
 `sweep_stale_files` removes those it can prove dead: owned by this user, named by those libraries,
-and neither mapped nor open in any process this one can see (/proc/*/maps and /proc/*/fd: the
-owner of a live buffer or semaphore keeps it mapped from creation to exit). The first rank of each
+and neither mapped nor open in any process this one can see (the file's inode in /proc/*/maps or
+behind /proc/*/fd: the owner of a live buffer or semaphore keeps it mapped or open from creation to
+exit; processes in another PID namespace sharing this /dev/shm are not seen). The first rank of each
 node runs it when the run starts.
 """
 from __future__ import annotations
@@ -47,39 +48,49 @@ def _no_shm_op():
     return None
 
 
-def _paths_in_use(candidates: set[str]) -> set[str]:
-    """The candidates some visible process maps or holds open."""
-    in_use: set[str] = set()
+def _in_use(keys: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """The (device, inode) pairs among `keys` that a visible process maps or holds open. By inode, not
+    by name: glibc's sem_open creates a semaphore under a temporary name, maps it and only then links
+    it to its name, so its creator's /proc/PID/maps shows the temporary name, deleted."""
+    found: set[tuple[int, int]] = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             for line in (proc / "maps").read_text().splitlines():
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].removesuffix(" (deleted)") in candidates:
-                    in_use.add(fields[5].removesuffix(" (deleted)"))
+                fields = line.split(maxsplit=5)  # address perms offset major:minor inode [path]
+                if len(fields) < 5 or fields[4] == "0":
+                    continue
+                major, minor = (int(part, 16) for part in fields[3].split(":"))
+                key = (os.makedev(major, minor), int(fields[4]))
+                if key in keys:
+                    found.add(key)
             for fd in (proc / "fd").iterdir():
-                target = os.readlink(fd)
-                if target in candidates:
-                    in_use.add(target)
-        except OSError:  # the process ended, or is not ours to read
+                try:
+                    stat = os.stat(fd)
+                except OSError:
+                    continue
+                if (stat.st_dev, stat.st_ino) in keys:
+                    found.add((stat.st_dev, stat.st_ino))
+        except (OSError, ValueError):  # the process ended, or is not ours to read
             continue
-    return in_use
+    return found
 
 
 def stale_files(shm_dir: Path = SHM_DIR) -> list[Path]:
     """This user's DeepSpeed buffers and Python semaphores in `shm_dir` that no process uses."""
     uid = os.getuid()
-    candidates: dict[str, Path] = {}
+    candidates: dict[tuple[int, int], Path] = {}
     for pattern in STALE_PATTERNS:
         for path in shm_dir.glob(pattern.format(uid=uid)):
             try:
-                if path.is_file() and path.stat().st_uid == uid:
-                    candidates[str(path)] = path
+                stat = path.lstat()
             except OSError:
                 continue
-    in_use = _paths_in_use(set(candidates)) if candidates else set()
-    return sorted(path for name, path in candidates.items() if name not in in_use)
+            if stat.st_uid == uid and path.is_file() and not path.is_symlink():
+                candidates[(stat.st_dev, stat.st_ino)] = path
+    in_use = _in_use(set(candidates)) if candidates else set()
+    return sorted(path for key, path in candidates.items() if key not in in_use)
 
 
 def sweep_stale_files(shm_dir: Path = SHM_DIR) -> list[Path]:

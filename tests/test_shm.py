@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from megapgs.shm import stale_files, sweep_stale_files
 
@@ -42,3 +43,22 @@ def test_deepspeed_comm_backend_starts_without_the_shm_op():
     assert "shm op: None" in result.stdout and "deepspeed_shm_comm" not in result.stdout + result.stderr
     new = {name for name in set(os.listdir("/dev/shm")) - before if name.startswith("deepspeed_allreduce_buffer")}
     assert not new, new
+
+
+SPAWN_LOCK = ("import multiprocessing, time\n"
+              "lock = multiprocessing.get_context('spawn').Lock()\n"
+              "print(lock._semlock.name, flush=True); time.sleep(600)\n")
+
+
+def test_a_live_spawn_semaphore_is_not_stale():
+    """glibc's sem_open maps a new semaphore under a temporary name before linking it to its own:
+    the creator's maps name the temporary file, so a live one is recognised by its inode."""
+    holder = subprocess.Popen([sys.executable, "-c", SPAWN_LOCK], stdout=subprocess.PIPE, text=True)
+    try:
+        name = holder.stdout.readline().strip()  # /mp-xxxxxxxx
+        path = Path("/dev/shm") / f"sem{name.replace('/', '.')}"
+        assert path.exists()
+        assert path not in stale_files()
+    finally:
+        holder.kill()
+        holder.wait()

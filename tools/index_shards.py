@@ -27,6 +27,7 @@ import braceexpand  # noqa: E402
 from megapgs.data.faults import DataError, SkipCounter  # noqa: E402
 from megapgs.data.shard_index import index_shards  # noqa: E402
 from megapgs.log import setup_logging  # noqa: E402
+from megapgs.shm import sweep_stale_files  # noqa: E402
 
 
 def shard_paths(patterns: list[str]) -> list[str]:
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     setup_logging("info", rank=0)
+    sweep_stale_files()  # a killed run's pool semaphores (its workers are spawned) stay in /dev/shm until then
     paths = shard_paths(args.shards)
     not_tar = [p for p in paths if not p.endswith(".tar")]
     if not_tar:

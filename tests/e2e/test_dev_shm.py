@@ -60,15 +60,17 @@ def test_runs_under_the_deepspeed_launcher_leave_nothing_in_dev_shm(tmp_path):
         killed_dir = tmp_path / "killed"  # killed with SIGKILL after its first step: no handler runs
         proc = subprocess.Popen(launcher(killed_dir, steps=10_000), cwd=REPO_ROOT, env=env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 300
-        while trained_steps(killed_dir) < 1 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+        try:
+            deadline = time.monotonic() + 300
+            while trained_steps(killed_dir) < 1 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            swept = not any(p.exists() for p in dead)  # the run's first rank removed what dead runs left
+            created = files_of_this_port()  # the ranks are past DeepSpeed's start: anything it made is there
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         assert trained_steps(killed_dir) >= 1, "the run never trained a step"
-        assert not any(p.exists() for p in dead)  # the run's first rank removed what dead runs left
-        created = files_of_this_port()  # the ranks are past DeepSpeed's start: anything it made is there
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert created == [] and files_of_this_port() == []
+        assert swept and created == [] and files_of_this_port() == []
 
         ended = subprocess.run(launcher(tmp_path / "ended", steps=2), cwd=REPO_ROOT, env=env(), capture_output=True,
                                text=True, timeout=600)
