@@ -1,6 +1,6 @@
 """The exit codes of a megapgs run (`pretrain.py`, `launch/pretrain.py`), each with one message
-that names the cause and the way out; the README lists them. Under torchrun or the deepspeed
-launcher, the launcher's own exit code is 1 whenever a rank fails: each rank's code is in its log."""
+that names the cause and the way out; the README lists them. DeepSpeed's launcher and srun exit
+with the failing rank's code; torchrun exits 1 and lists each rank's code in its failure table."""
 from __future__ import annotations
 
 from megapgs.train.preempt import PREEMPTED_EXIT

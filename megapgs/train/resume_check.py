@@ -129,12 +129,14 @@ def compare_configs(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[st
         old, new = old_flat.get(key), new_flat.get(key)
         if old == new or key in ("train.resume", "train.output_dir"):
             continue
-        if key == "model.arch":
+        if key not in old_flat or key not in new_flat:  # a setting one of the two versions does not have
+            changed(key, old, new)
+        elif key == "model.arch":
             difference = _tower_difference(old, new)
             if difference is not None:
                 changed(key, old, new, f"{REFUSED[key]} ({difference})")
-            continue
-        changed(key, old, new, REFUSED.get(key))
+        else:
+            changed(key, old, new, REFUSED.get(key))
     return refused, accepted
 
 

@@ -50,3 +50,8 @@ def test_a_saved_arch_this_version_cannot_read_is_compared_by_name():
     saved = {**SAVED, "model": {**SAVED["model"], "arch": "/gone/model-config.json"}}
     refused, _ = compare_configs(saved, SAVED)
     assert refused and "another architecture" in refused[0]
+
+
+def test_a_setting_the_saved_version_did_not_have_is_accepted():
+    saved = {**SAVED, "data": {k: v for k, v in SAVED["data"].items() if k != "loader"}}
+    assert compare_configs(saved, SAVED) == ([], ['data.loader: null (saved) -> "auto" (now)'])
