@@ -10,8 +10,10 @@ The model: a megapgs run directory or checkpoint (any ZeRO stage), an OpenCLIP m
 (`local-dir:DIR`, as tools/convert_to_openclip.py writes it), or an OpenCLIP architecture name with
 `--pretrained FILE`. OpenCLIP weights load with safetensors or torch.load(weights_only=True).
 The data: `--data ROOT` in clip_benchmark's webdataset layout (ROOT/classnames.txt,
-ROOT/zeroshot_classification_templates.txt, ROOT/test/*.tar with `.cls` and `.txt`), or
-`--images DIR` with one sub-folder per class (classification only). Prints one JSON line.
+ROOT/zeroshot_classification_templates.txt, ROOT/test/*.tar with `.cls` and `.txt`; a retrieval
+set such as wds/mscoco_captions has no class names and one caption per line of `.txt`: retrieval
+only, an image's hit is any of its captions), or `--images DIR` with one sub-folder per class
+(classification only). Under torchrun the ranks share --data. Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -161,14 +163,17 @@ def run(args) -> dict[str, float]:
         total = math.ceil(args.max_samples / args.batch_size) if args.max_samples else None
         retrieval, max_samples = False, args.max_samples  # folders have no captions
     else:
-        classnames, templates = read_classnames_and_templates(args.data)
+        zeroshot = (Path(args.data) / "classnames.txt").is_file()  # clip_benchmark's retrieval sets have none
+        classnames, templates = read_classnames_and_templates(args.data) if zeroshot else (None, None)
+        if not zeroshot and args.no_retrieval:
+            raise ValueError(f"{args.data} has no classnames.txt (a retrieval set): --no-retrieval leaves nothing")
         units = rank_units(eval_units(eval_shards(args.data), args.batch_size, args.max_samples),
                            dist.rank, dist.world_size)
         batches = iter_unit_batches(units, image_size=image_size, workers=args.workers, skips=skips)
         total, retrieval, max_samples = len(units), not args.no_retrieval, None
     if dist.is_main:
-        print(f"evaluate: {args.model}, {len(classnames)} classes x {len(templates)} template(s)"
-              f"{', retrieval' if retrieval else ''}"
+        task = [f"{len(classnames)} classes x {len(templates)} template(s)"] if classnames else []
+        print(f"evaluate: {args.model}, {', '.join(task + (['retrieval'] if retrieval else []))}"
               f"{f', shared by {dist.world_size} ranks' if dist.world_size > 1 else ''}", file=sys.stderr)
     metrics = evaluate_batches(model, with_progress(batches, total, dist.is_main), tokenizer,
                                device=dist.device, classnames=classnames, templates=templates,

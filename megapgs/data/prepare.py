@@ -192,11 +192,17 @@ def _manifest_lists(manifest: Path, wanted: list[str]) -> bool:
     return [s.path for s in shards] == wanted and not any(s.changed() == "shard_changed" for s in shards)
 
 
-def _eval_set(root: Path, key: str) -> int | None:
-    """Check a clip_benchmark-style eval root and return its sample count when a manifest tells it."""
-    if not (root / "classnames.txt").is_file() or not (root / "test").is_dir():
-        raise DataError(f"{key}: {root} is not an eval set (expected classnames.txt and test/*.tar "
-                        "in clip_benchmark's webdataset layout)")
+def _eval_set(root: Path, key: str, zeroshot: bool) -> int | None:
+    """Check a clip_benchmark-style eval root and return its sample count when a manifest tells it.
+    Zero-shot needs its classnames.txt; retrieval alone (clip_benchmark's retrieval layout: several
+    captions per image, one per line, no class names) needs only test/*.tar."""
+    if not (root / "test").is_dir() or not any((root / "test").glob("*.tar")):
+        raise DataError(f"{key}: {root} is not an eval set (expected test/*.tar in clip_benchmark's "
+                        "webdataset layout)")
+    if zeroshot and not (root / "classnames.txt").is_file():
+        kind = (root / "dataset_type.txt").read_text().strip() if (root / "dataset_type.txt").is_file() else ""
+        raise DataError(f"{key}: {root} has no classnames.txt, which zero-shot classification needs"
+                        + (" (it is a retrieval set: set eval.zeroshot=false)" if kind == "retrieval" else ""))
     manifest = root / "test" / MANIFEST
     return read_manifest(manifest)["samples"] if manifest.is_file() else None
 
@@ -226,5 +232,5 @@ def prepare_data(cfg: Config, dist: DistInfo) -> DataPlan:
         train_samples = data.samples_per_epoch
     if not (cfg.eval.zeroshot or cfg.eval.retrieval):  # no evaluation: its shards are not read, nor checked
         eval_root = None
-    eval_samples = _eval_set(eval_root, "eval.shards") if eval_root is not None else None
+    eval_samples = _eval_set(eval_root, "eval.shards", cfg.eval.zeroshot) if eval_root is not None else None
     return DataPlan(train_urls, train_samples, eval_root, eval_samples, index)

@@ -66,7 +66,8 @@ def evaluate_batches(model, batches: Iterable[EvalBatch | None], tokenizer, *, d
                      dist: DistInfo | None = None, image_size: int | None = None,
                      prompt_batch_size: int = 512) -> dict[str, float]:
     """Metrics as {name: value}: zeroshot_top1/top5 (percent; when class names are given),
-    image_to_text_R@k and text_to_image_R@k (percent; when `retrieval`), eval_samples and
+    image_to_text_R@k and text_to_image_R@k (percent; when `retrieval`: each line of a sample's
+    caption is one of its captions, as in clip_benchmark's retrieval sets), eval_samples and
     eval_seconds. `model` has encode_image(images) and encode_text(tokens, lengths), returning
     unit-norm embeddings; `batches` yields this rank's (images, labels, captions, keys) in the set's
     order, or None for a batch with no readable sample. `max_samples` cuts one rank's stream (shared
@@ -94,7 +95,7 @@ def evaluate_batches(model, batches: Iterable[EvalBatch | None], tokenizer, *, d
     if classnames is not None:
         classes = class_embeddings(encode_text, classnames, templates, dist, prompt_batch_size)
     correct = torch.zeros(3, dtype=torch.int64)  # top-1 hits, top-5 hits, images
-    image_parts, text_parts = [], []
+    image_parts, text_parts, text_owner = [], [], []  # owner: the image (this rank's count) of each caption
     width = classes.shape[1] if classes is not None else None
     for batch in in_lockstep(batches, dist):
         if max_samples is not None and int(correct[2]) >= max_samples:
@@ -115,8 +116,13 @@ def evaluate_batches(model, batches: Iterable[EvalBatch | None], tokenizer, *, d
             correct[0] += hits[1]
             correct[1] += hits[5]
         if retrieval:
+            lines = [[line for line in caption.splitlines() if line.strip()] for caption in captions]
+            text_owner += [int(correct[2]) - len(lines) + i for i, own in enumerate(lines) for _ in own]
             image_parts.append(image_emb.float())
-            text_parts.append(encode_text(list(captions)).float())
+            if any(lines):
+                text_parts.append(encode_text([line for own in lines for line in own]).float())
+            elif dist.world_size > 1:
+                encode_text([""])  # the other ranks embed captions here: their ZeRO-3 gathers need this one
     correct = all_reduce_sum(correct, dist).cpu()
     seen = int(correct[2])
     if seen == 0:
@@ -128,7 +134,10 @@ def evaluate_batches(model, batches: Iterable[EvalBatch | None], tokenizer, *, d
     if retrieval:
         images = all_gather_varlen(_rows(image_parts, width, device), dist).cpu()
         texts = all_gather_varlen(_rows(text_parts, width, device), dist).cpu()
-        recalls = recall_at_k(F.normalize(images, dim=1), F.normalize(texts, dim=1))
+        per_rank = all_gather_varlen(torch.tensor([sum(p.shape[0] for p in image_parts)]), dist).cpu()
+        offset = int(per_rank[:dist.rank].sum())  # this rank's first image in the gathered order
+        owner = all_gather_varlen(torch.tensor(text_owner, dtype=torch.int64) + offset, dist).cpu()
+        recalls = recall_at_k(F.normalize(images, dim=1), F.normalize(texts, dim=1), owner)
         metrics.update({name: 100.0 * value for name, value in recalls.items()})
     metrics["eval_seconds"] = time.perf_counter() - started
     model.train(was_training)

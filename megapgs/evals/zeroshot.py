@@ -53,6 +53,10 @@ def read_classnames_and_templates(root) -> tuple[list[str], list[str]]:
     from pathlib import Path
 
     root = Path(root)
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        if not (root / name).is_file():
+            raise FileNotFoundError(f"{root} has no {name}, which zero-shot classification needs (a retrieval "
+                                    "set has none: evaluate it for retrieval alone)")
     names = [line.strip() for line in (root / "classnames.txt").read_text().splitlines() if line.strip()]
     templates = [line.strip() for line in (root / "zeroshot_classification_templates.txt").read_text().splitlines()
                  if line.strip()]

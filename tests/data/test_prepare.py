@@ -49,6 +49,17 @@ def test_webdataset_run_with_eval_set_that_is_not_one(tmp_path):
         prepare_data(cfg, ONE_RANK)
 
 
+def test_a_retrieval_set_is_evaluated_for_retrieval_alone(tmp_path):
+    """clip_benchmark's retrieval layout has no class names: retrieval alone takes it, zero-shot says why not."""
+    _shards(tmp_path / "heldout" / "test")
+    (tmp_path / "heldout" / "dataset_type.txt").write_text("retrieval\n")
+    overrides = ["data.source=synthetic", f"eval.shards={tmp_path}/heldout", "eval.retrieval=true"]
+    plan = prepare_data(load_config(None, [*overrides, "eval.zeroshot=false"]), ONE_RANK)
+    assert plan.eval_root == tmp_path / "heldout" and plan.eval_samples == 25
+    with pytest.raises(DataError, match="no classnames.txt.*a retrieval set: set eval.zeroshot=false"):
+        prepare_data(load_config(None, [*overrides, "eval.zeroshot=true"]), ONE_RANK)
+
+
 def test_synthetic_source_needs_no_files():
     cfg = load_config(None, ["data.source=synthetic", "eval.zeroshot=false", "eval.retrieval=false"])
     plan = prepare_data(cfg, ONE_RANK)

@@ -78,6 +78,55 @@ def test_clip_benchmark_cli_agrees_with_evaluate(capsys, trained, tmp_path):
     assert abs(100 * theirs["acc1"] - ours["zeroshot_top1"]) <= 0.5, (theirs, ours)
 
 
+def retrieval_set(data: Path, out: Path, samples: int = 600) -> Path:
+    """The test split as clip_benchmark's retrieval layout (wds/mscoco_captions): no class names,
+    `dataset_type.txt` = retrieval, 1 to 3 captions per image, one per line, none alike."""
+    from megapgs.data.shards import write_shards
+
+    classnames = (data / "classnames.txt").read_text().split("\n")
+    urls = sorted(str(p) for p in (data / "test").glob("*.tar"))
+
+    def captions():
+        for n, sample in enumerate(wds.WebDataset(urls, shardshuffle=False, empty_check=False)):
+            if n == samples:
+                return
+            name = classnames[int(sample["cls"])]
+            lines = [f"a photo of a {name}, number {n}", f"{name} {n}", f"picture {n} shows a {name}"][:1 + n % 3]
+            yield {"__key__": sample["__key__"], "png": sample["png"], "txt": "\n".join(lines)}
+
+    write_shards(captions(), out / "test", 250, total=samples)
+    (out / "test" / "nshards.txt").write_text(f"{len(list((out / 'test').glob('*.tar')))}\n")
+    (out / "dataset_type.txt").write_text("retrieval\n")
+    return out
+
+
+def test_retrieval_alone_agrees_with_clip_benchmark(capsys, trained, tmp_path):
+    """Retrieval on a set of several captions per image and no class names: our R@1/5/10 against
+    `clip_benchmark eval --task zeroshot_retrieval` (fp32), within 0.5 points; the ranks of one
+    process and of two agree exactly."""
+    root = retrieval_set(trained["data"], tmp_path / "retrieval")
+    ours = evaluate(capsys, trained["run"], "--data", root, "--batch-size", 100)
+    assert ours["eval_samples"] == 600 and "zeroshot_top1" not in ours
+    output = tmp_path / "result.json"
+    cli = Path(sys.executable).with_name("clip_benchmark")
+    run([str(cli), "eval", "--model", f"local-dir:{trained['openclip']}", "--pretrained", "",
+         "--dataset", "wds/retrieval", "--dataset_root", str(root), "--task", "zeroshot_retrieval",
+         "--recall_k", "1", "5", "10", "--batch_size", "100", "--num_workers", "0", "--no_amp",
+         "--output", str(output)])
+    theirs = json.loads(output.read_text())["metrics"]
+    for k in (1, 5, 10):
+        assert abs(100 * theirs[f"text_retrieval_recall@{k}"] - ours[f"image_to_text_R@{k}"]) <= 0.5, (theirs, ours)
+        assert abs(100 * theirs[f"image_retrieval_recall@{k}"] - ours[f"text_to_image_R@{k}"]) <= 0.5, (theirs, ours)
+    assert ours["text_to_image_R@10"] > 5  # trained: chance is 10 of 600 images, 1.7%
+    shared = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29598", "tools/evaluate.py", str(trained["run"]), "--data", str(root), "--batch-size",
+                             "100", "--workers", "1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+                            env=OFFLINE)
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    two = json.loads(shared.stdout.strip().splitlines()[-1])
+    assert {k: v for k, v in two.items() if k != "eval_seconds"} == {k: v for k, v in ours.items() if k != "eval_seconds"}
+
+
 def test_openclip_directory_gives_the_checkpoints_numbers(trained, capsys):
     ours = evaluate(capsys, trained["run"], "--data", trained["data"], "--max-samples", 500)
     converted = evaluate(capsys, f"local-dir:{trained['openclip']}", "--data", trained["data"], "--max-samples", 500)

@@ -31,3 +31,21 @@ def test_recall_at_k_against_a_brute_force_ranking():
         for k in (1, 5):
             assert ours[f"{name}_R@{k}"] == int((position < k).sum()) / 50
     assert 0 < ours["image_to_text_R@1"] < 1
+
+
+def test_recall_with_several_captions_per_image_against_a_brute_force_ranking():
+    """clip_benchmark's counting: an image is a hit at k when any of its captions is in its top k."""
+    gen = torch.Generator().manual_seed(1)
+    owner = torch.tensor([0, 0, 1, 2, 2, 2, 4, 5, 5, 6, 7, 8, 9, 9, 10, 11])  # image 3 has no caption
+    images = F.normalize(torch.randn(12, 8, generator=gen), dim=1)
+    texts = F.normalize(images[owner] + 0.9 * torch.randn(len(owner), 8, generator=gen), dim=1)
+    ours = recall_at_k(images, texts, owner, ks=(1, 3), chunk=5)
+    scores = images @ texts.t()                                                 # (images, texts)
+    for k in (1, 3):
+        top_texts = scores.topk(k, dim=1).indices
+        image_hits = sum(bool((owner[top_texts[i]] == i).any()) for i in range(12))
+        assert ours[f"image_to_text_R@{k}"] == image_hits / 12
+        top_images = scores.t().topk(k, dim=1).indices
+        text_hits = sum(bool((top_images[m] == owner[m]).any()) for m in range(len(owner)))
+        assert ours[f"text_to_image_R@{k}"] == text_hits / len(owner)
+    assert 0 < ours["image_to_text_R@1"] < ours["image_to_text_R@3"] < 1
