@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "see `python -m megapgs.config --explain`")
     parser.add_argument("--resume", metavar="WHAT", help="same as --set train.resume=WHAT (auto, none, a path)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed's
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved run and its estimated memory "
+                        "per rank (megapgs/perf/dry_run.py), then exit: no model, no DeepSpeed, no shard read")
+    parser.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: ranks to plan for "
+                        "(default: WORLD_SIZE, else 1)")
     return parser
 
 
@@ -92,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_codes.BAD_INPUT
+    if args.dry_run:
+        from megapgs.perf.dry_run import dry_run
+
+        return dry_run(cfg, args.world_size)
     dist = init_distributed()
     setup_logging(cfg.log.level, dist.rank)
     started = time.perf_counter()
