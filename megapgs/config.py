@@ -60,6 +60,8 @@ class ModelConfig(_Section):
         "auto", description="attention back-end; auto picks the fastest available on the device")
     grad_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
     compile: bool = Field(False, description="torch.compile the towers")
+    partitioned_init: bool = Field(True, description="ZeRO-3: build the model partitioned (deepspeed.zero.Init), "
+                                   "so no rank holds it whole; false builds it whole on every rank first")
 
     @field_validator("arch")
     @classmethod

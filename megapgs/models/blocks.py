@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megapgs.models.attention import attention
+from megapgs.models.partitioned import modifying
 from megapgs.packed import Packed
 
 
@@ -71,12 +72,13 @@ class Transformer(nn.Module):
     def init_weights(self, width: int, layers: int) -> None:
         # OpenCLIP's text-tower scheme (std shrinking with depth for the residual projections)
         attn_std, proj_std, fc_std = width**-0.5, width**-0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
-        for block in self.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.zeros_(block.attn.out_proj.bias)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        for block in self.resblocks:  # one block at a time whole, under zero.Init (models/partitioned.py)
+            with modifying(block.parameters()):
+                nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.zeros_(block.attn.out_proj.bias)
+                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
     def forward(self, x_TD: torch.Tensor, packed: Packed) -> torch.Tensor:
         for block in self.resblocks:

@@ -18,6 +18,7 @@ from torch import nn
 from megapgs.config import ModelConfig
 from megapgs.models.archs import ArchSpec, get_arch
 from megapgs.models.attention import resolve_backend
+from megapgs.models.partitioned import is_partitioned
 from megapgs.models.text import TextTower
 from megapgs.models.vit import KeepFn, VisionTower
 
@@ -78,7 +79,9 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: tor
     adds the logit bias and SigLIP's initial temperature."""
     device = torch.device(device)
     spec = get_arch(cfg.arch)
-    model = (CLIP(spec, init_logit_scale=math.log(10), init_logit_bias=-10.0) if siglip else CLIP(spec)).to(device)
+    model = CLIP(spec, init_logit_scale=math.log(10), init_logit_bias=-10.0) if siglip else CLIP(spec)
+    if not any(is_partitioned(p) for p in model.parameters()):  # zero.Init already put its shards on the device
+        model = model.to(device)
     backend = resolve_backend(cfg.attention, device, dtype, training)
     log.info("attention back-end: %s (requested %s)", backend, cfg.attention)
     model.set_attention(backend)

@@ -12,6 +12,7 @@ from torch import nn
 
 from megapgs.models.archs import TextSpec
 from megapgs.models.blocks import Transformer
+from megapgs.models.partitioned import modifying
 from megapgs.packed import Packed
 
 
@@ -30,7 +31,8 @@ class TextTower(nn.Module):
         self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.mlp_width, causal=True)
         self.ln_final = nn.LayerNorm(spec.width)
         self.text_projection = nn.Parameter(torch.empty(spec.width, embed_dim))
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        with modifying([self.token_embedding.weight]):  # a child's: partitioned under zero.Init
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=spec.width**-0.5)
 

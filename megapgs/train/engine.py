@@ -1,15 +1,17 @@
 """The model wrapped for training: AdamW param groups -> DeepSpeed engine (ZeRO, precision, clipping).
 
 The order is fixed and documented here, once: seed -> build the CLIP (attention back-end,
-activation checkpointing) -> the `train.init_from` weights, unless a checkpoint will be resumed ->
+activation checkpointing; under ZeRO-3 inside `deepspeed.zero.Init`, so each module's parameters
+are cut into per-rank shards as it is built and no rank holds the whole model: the init scheme and
+init_from gather one module at a time, megapgs/models/partitioned.py) -> the `train.init_from` weights, unless a checkpoint will be resumed ->
 AdamW with weight decay only on matrices -> (ZeRO-3) transformer blocks as leaf modules -> the
 DeepSpeed JSON completed with the batch sizes megapgs derives -> `deepspeed.initialize` -> compile
 each block's forward (inside ZeRO-3's hooks, which stay eager). The learning rate is set on the optimizer each
 step from `schedule.lr_at`, so there is no scheduler state.
 
 `train.init_from` (an initial checkpoint from tools/convert_from_openclip.py, or a megapgs run or
-checkpoint directory) is loaded into the whole model on every rank before DeepSpeed wraps it, so
-ZeRO-3 partitions the loaded weights. Its towers must be `model.arch`'s and its keys and shapes the
+checkpoint directory) is loaded into the model, module by module (into the shards under ZeRO-3),
+before DeepSpeed wraps it. Its towers must be `model.arch`'s and its keys and shapes the
 model's, with two exceptions: weights of another image size (same patch size) have their
 positional embeddings interpolated to the model's grid (bicubic, CLS row kept: OpenCLIP's
 resize_pos_embed; fine-tuning at another resolution, as FLIP and CLIPA do); and SigLIP training
@@ -19,6 +21,7 @@ checkpoint, init_from is not read at all (megapgs/train/start.py).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -29,6 +32,7 @@ from megapgs.convert.init_weights import ConversionError, init_fit_error, load_i
 from megapgs.dist import DistInfo, join_process_group
 from megapgs.models.blocks import Block
 from megapgs.models.clip import CLIP, build_model, compile_blocks
+from megapgs.models.partitioned import full_shape, modifying
 from megapgs.models.vit import resize_positional_embedding
 from megapgs.train.plan import RunPlan
 from megapgs.train.safe_load import UnsafeCheckpointError
@@ -45,7 +49,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or any(part in name for part in NO_DECAY_NAMES):
+        if len(full_shape(param)) < 2 or any(part in name for part in NO_DECAY_NAMES):  # a shard's own is 1-d
             exempt.append(param)
         else:
             decay.append(param)
@@ -98,11 +102,11 @@ def load_init_from(model: CLIP, cfg: Config, init_from: str) -> None:
                  resize_positional_embedding(state["visual.positional_embedding"], new)}
         resized = (f"; image positional embeddings interpolated from {old}x{old} ({spec.vision.image_size} px) to "
                    f"{new}x{new} ({model.spec.vision.image_size} px)")
-    expected = model.state_dict()
+    expected = {name: full_shape(tensor) for name, tensor in (*model.named_parameters(), *model.named_buffers())}
     fresh_bias = cfg.train.loss == "siglip" and "logit_bias" in expected and "logit_bias" not in state
-    if fresh_bias:
-        state = {**state, "logit_bias": expected["logit_bias"]}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    keep_fresh = {"logit_bias"} if fresh_bias else set()
+    missing = sorted(set(expected) - set(state) - keep_fresh)
+    unexpected = sorted(set(state) - set(expected))
     if unexpected == ["logit_bias"] and not missing:
         raise InitWeightsError(f"{where} has a logit_bias (SigLIP weights) and train.loss={cfg.train.loss!r} has "
                                "none; train with train.loss=siglip")
@@ -110,13 +114,30 @@ def load_init_from(model: CLIP, cfg: Config, init_from: str) -> None:
         raise InitWeightsError(f"{where}: keys differ from {arch}'s: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
     for key, value in state.items():
-        if value.shape != expected[key].shape:
+        if value.shape != expected[key]:
             raise InitWeightsError(f"{where}: {key} has shape {tuple(value.shape)} where {arch} has "
-                                   f"{tuple(expected[key].shape)}")
-    model.load_state_dict(state)
-    note = (f"; kept the fresh logit_bias = {float(model.logit_bias.detach()):g} (the weights have none), "
-            f"logit_scale = {float(model.logit_scale.detach()):.4f} from the weights" if fresh_bias else "")
+                                   f"{tuple(expected[key])}")
+    load_whole(model, state)
+    note = ""
+    if fresh_bias:
+        with modifying([model.logit_bias, model.logit_scale]):
+            note = (f"; kept the fresh logit_bias = {float(model.logit_bias.detach()):g} (the weights have none), "
+                    f"logit_scale = {float(model.logit_scale.detach()):.4f} from the weights")
     log.info("initial weights: %s from %s (%d tensors)%s%s", arch, init_from, len(state), resized, note)
+
+
+def load_whole(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state`'s tensors (keys and shapes checked) into the model, module by module: under
+    zero.Init each module's parameters are gathered whole only while their values are copied."""
+    with torch.no_grad():
+        for prefix, module in model.named_modules():
+            own = {f"{prefix}.{name}" if prefix else name: tensor
+                   for name, tensor in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))}
+            own = {name: tensor for name, tensor in own.items() if name in state}
+            if own:
+                with modifying(own.values()):
+                    for name, tensor in own.items():
+                        tensor.data.copy_(state[name])
 
 
 def build_engine(cfg: Config, plan: RunPlan, dist: DistInfo, init_from: str | None = None):
@@ -127,7 +148,14 @@ def build_engine(cfg: Config, plan: RunPlan, dist: DistInfo, init_from: str | No
     join_process_group(dist)  # a one-rank group for a plain `python pretrain.py`
     torch.manual_seed(cfg.train.seed)
     dtype = DTYPES[cfg.precision]
-    model: CLIP = build_model(cfg.model, dist.device, dtype, training=True, siglip=cfg.train.loss == "siglip")
+    ds_config = deepspeed_config(cfg, plan)
+    partitioned = cfg.zero_stage == 3 and cfg.model.partitioned_init
+    # ZeRO-3: each module's parameters are cut into this rank's shard as soon as it is built, so no
+    # rank ever holds the whole model (F.linear is left alone: mem_efficient_linear would change numerics)
+    building = deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False) if partitioned \
+        else contextlib.nullcontext()
+    with building:
+        model: CLIP = build_model(cfg.model, dist.device, dtype, training=True, siglip=cfg.train.loss == "siglip")
     if init_from:
         load_init_from(model, cfg, init_from)
     groups = param_groups(model, cfg.optim.weight_decay)
@@ -137,7 +165,7 @@ def build_engine(cfg: Config, plan: RunPlan, dist: DistInfo, init_from: str | No
         from deepspeed.utils import set_z3_leaf_modules
 
         set_z3_leaf_modules(model, [Block])
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, plan),
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                       dist_init_required=False)
     if dist.world_size == 1 and cfg.zero_stage == 0:
         # one rank, no ZeRO: the gradient all-reduce is the identity, and DeepSpeed's fallback
@@ -146,8 +174,10 @@ def build_engine(cfg: Config, plan: RunPlan, dist: DistInfo, init_from: str | No
     if cfg.model.compile:
         compile_blocks(model)
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    log.info("engine: DeepSpeed ZeRO-%d, %s, %s parameters, %d rank(s)", cfg.zero_stage, cfg.precision,
-             f"{params:,}", dist.world_size)
+    held = f"; built partitioned (zero.Init): this rank holds {sum(p.ds_tensor.numel() for p in model.parameters()):,}" \
+        if partitioned else ""
+    log.info("engine: DeepSpeed ZeRO-%d, %s, %s parameters, %d rank(s)%s", cfg.zero_stage, cfg.precision,
+             f"{params:,}", dist.world_size, held)
     return engine, model
 
 

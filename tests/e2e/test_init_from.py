@@ -2,6 +2,7 @@
 step that changes no weight -> tools/convert_to_openclip.py gives back the OpenCLIP state dict bit for
 bit, on 1 and 2 ranks. A resumed run does not read init_from; a wrong arch stops the run, naming the key."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,12 @@ def test_two_rank_zero3_step_at_zero_lr_gives_back_the_openclip_weights(converte
     result = run([*TWO_RANKS, *RUN, "--set", "train.micro_batch_size=8", "--set", f"train.output_dir={run_dir}",
                   "--set", f"train.init_from={converted[1]}"])
     assert "initial weights: tiny-28 from" in words(result)
+    # issue 15, item 6: built partitioned (zero.Init), the weights loaded into the shards
+    held = re.search(r"([\d,]+) parameters, 2 rank\(s\); built partitioned \(zero.Init\): this rank holds ([\d,]+)",
+                     words(result))
+    assert held, words(result)[-2000:]
+    whole, own = (int(group.replace(",", "")) for group in held.groups())
+    assert whole / 2 <= own < whole / 2 + 2 * 1024 * 200  # half, plus DeepSpeed's per-tensor padding
     assert_converts_back_to(run_dir, tmp_path / "openclip", converted[0])
 
 
