@@ -4,17 +4,16 @@ option megapgs does not compute stops the run naming it; a tiny model trained at
 at 56 px from train.init_from, its positional embeddings interpolated."""
 import json
 import math
-import subprocess
 import sys
 
 import open_clip
 import torch
 from safetensors.torch import load_file
 
-from megapgs.config import REPO_ROOT
 from megapgs.convert.checkpoint import read_checkpoint
 from megapgs.convert.openclip import openclip_model_cfg
 from megapgs.models.archs import get_arch
+from tests.e2e.runs import run, words
 
 RUN = [sys.executable, "launch/pretrain.py", "--set", "data.source=synthetic", "--set", "eval.zeroshot=false",
        "--set", "eval.retrieval=false", "--set", "log.progress=false", "--set", "log.every_steps=1"]
@@ -22,18 +21,6 @@ RUN = [sys.executable, "launch/pretrain.py", "--set", "data.source=synthetic", "
 CUSTOM = {"embed_dim": 40, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 96, "layers": 2,
                                           "head_width": 32, "mlp_ratio": 3.0},
           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 1}}
-
-
-def run(cmd, ok=True, timeout=600) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False)
-    if ok:
-        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result
-
-
-def words(result: subprocess.CompletedProcess) -> str:
-    """stdout and stderr with rich's line wrapping undone."""
-    return " ".join((result.stdout + result.stderr).split())
 
 
 def train_losses(run_dir) -> list[float]:

@@ -4,16 +4,15 @@ bit, on 1 and 2 ranks. A resumed run does not read init_from; a wrong arch stops
 import json
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megapgs.config import REPO_ROOT
 from megapgs.convert.openclip import build_openclip_model, openclip_model_cfg
 from megapgs.models.archs import get_arch
+from tests.e2e.runs import run, words
 
 # optim.lr must be > 0, and warmup's first step runs at lr / warmup_steps, not 0. At lr = 1e-50 AdamW's
 # update (lr / (1 - beta1)) * m / (sqrt(v) + eps) underflows to 0 in fp32 and its decay factor
@@ -23,18 +22,6 @@ RUN = ["launch/pretrain.py", "--set", "data.source=synthetic", "--set", "pgs.mas
        "--set", "log.progress=false", "--set", "optim.lr=1e-50", "--set", "optim.warmup_steps=0",
        "--set", 'deepspeed={"zero_optimization": {"stage": 3}}']
 TWO_RANKS = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29587"]
-
-
-def run(cmd, ok=True, timeout=600) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False)
-    if ok:
-        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result
-
-
-def words(result: subprocess.CompletedProcess) -> str:
-    """stdout and stderr with rich's line wrapping undone."""
-    return " ".join((result.stdout + result.stderr).split())
 
 
 def write_openclip_dir(folder, state, model_cfg):
