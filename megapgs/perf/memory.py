@@ -33,10 +33,10 @@ DTYPE_BYTES = {"fp32": 4, "float32": 4, "float": 4, "bf16": 2, "bfloat16": 2, "f
 # tokenizer, the loader. Measured with `python tools/measure_memory.py --baseline` (a 1-step,
 # micro-batch-1 run of tiny-32: its peak RSS less this module's estimate of everything else) on the
 # 2-core CPU machine, 2026-12-03; BENCHMARKS.md has the run.
-CPU_BASELINE_BYTES = 877_163_536   # 836.5 MiB
+CPU_BASELINE_BYTES = 877_286_416   # 836.6 MiB
 # What a ZeRO-3 engine adds to that on the CPU: deepspeed.initialize imports ~580 more modules for
 # stage 3 (networkx, functorch.compile, triton ops, ...). Same measurement, under ZeRO-3, less the above.
-CPU_ZERO3_RUNTIME_BYTES = 57_755_084   # 55.1 MiB
+CPU_ZERO3_RUNTIME_BYTES = 51_951_052   # 49.5 MiB
 # The CUDA context of a process (PyTorch's kernels loaded on the device), which the caching
 # allocator does not count: 781 MB in nvidia-smi for a process that only initialised CUDA
 # (pytorch/pytorch#34323); lazy module loading (CUDA >= 11.7) lowers it, NCCL's buffers add to it.
@@ -113,7 +113,7 @@ def estimate_memory(cfg: Config, plan: RunPlan, device: str) -> MemoryEstimate:
                   + (" + ZeRO-3's modules" if zs.stage == 3 else "")) if device == "cpu" else
              Term("runtime", CUDA_CONTEXT_BYTES, "CUDA context (pytorch/pytorch#34323)")]
     terms += zero_terms(P, tensors, counts.largest_block, zs, N, c, g, device)
-    start = start_up_terms(tensors, zs.stage, c)
+    start = start_up_terms(tensors, zs, c, N, cfg.model.partitioned_init)
     terms += start + step_terms(cfg, plan, c, zs.stage, device)
     by_name = {t.name: t for t in terms}
     always = [t.name for t in terms if t.held == "always"]

@@ -165,16 +165,29 @@ def gathered_terms(tensors: list[ParamTensor], zs: ZeroSettings, largest_block: 
     return terms
 
 
-def start_up_terms(tensors: list[ParamTensor], stage: int, c: int) -> list[Term]:
-    """The model as built (fp32, whole, one tensor per parameter) before DeepSpeed takes it: stage 1-3
-    copy it into flat buffers and free it, as does a change of dtype; stage 0 in fp32 keeps it as the
-    parameters (then it is no transient of its own: [])."""
-    if stage == 0 and c == FP32:
+def start_up_terms(tensors: list[ParamTensor], zs: ZeroSettings, c: int, N: int, partitioned: bool) -> list[Term]:
+    """The model as built (fp32, one tensor per parameter) before DeepSpeed takes it: stage 1-3 copy
+    it into flat buffers and free it, as does a change of dtype; stage 0 in fp32 keeps it as the
+    parameters (then it is no transient of its own: []). Under ZeRO-3 with model.partitioned_init
+    (deepspeed.zero.Init, train/engine.py) each rank builds only its shards (parameters up to the
+    persistence threshold whole) and holds one block or tensor whole at a time, while the init scheme
+    sets it."""
+    if zs.stage == 0 and c == FP32:
         return []
+    shards = zs.stage == 3 and partitioned
+
+    def built(numel: int) -> int:
+        return -(-numel // N) if shards and numel > zs.param_persistence_threshold else numel
+
     terms = []
     for held in ("heap", "mapped"):
-        size = sum(p.numel * FP32 for p in tensors if held_as(p.numel * FP32) == held)
+        size = sum(built(p.numel) * FP32 for p in tensors if held_as(built(p.numel) * FP32) == held)
         if size:
             terms.append(Term("start-up model" + (" (mapped)" if held == "mapped" else ""), size,
-                              "the model as built, fp32, before DeepSpeed flattens or converts it", held))
+                              ("this rank's shards, fp32, as zero.Init builds them" if shards else
+                               "the model as built, fp32, before DeepSpeed flattens or converts it"), held))
+    if shards and N > 1:
+        whole = max(gather_units(tensors, zs.param_persistence_threshold)) * FP32
+        terms.append(Term("start-up: a module whole", whole, "the largest block or tensor, gathered for its init",
+                          held_as(whole)))
     return terms

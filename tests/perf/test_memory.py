@@ -17,7 +17,7 @@ from megapgs.packed import Packed
 from megapgs.perf.activations import Stream, TowerShape, block_saved, logits_bytes, tower_activations
 from megapgs.perf.dry_run import estimate_for
 from megapgs.perf.param_count import count_params
-from megapgs.perf.zero_memory import ZeroSettings, held_as, zero_terms
+from megapgs.perf.zero_memory import ZeroSettings, held_as, start_up_terms, zero_terms
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.json"))
 
@@ -147,6 +147,15 @@ def test_zero_partitioning_on_a_hand_checked_case():
     # ZeRO-2: the partitioned gradients and two buckets with overlap_comm
     two = sizes(2, 4, 2, 4)
     assert two["gradients"] == 1000 and two["reduce buckets"] == 2 * 5000 * 2
+
+    # start-up: built whole in fp32 (4000 B), or under zero.Init each rank's shards (900, 60 and 30 in
+    # quarters rounded up, the persistent 10 whole) and the largest module (the 900) whole for its init
+    def start(stage, c, partitioned):
+        return {t.name: t.bytes for t in start_up_terms(tensors, _settings(stage), c, 4, partitioned)}
+
+    assert start(3, 2, False) == {"start-up model": 4000}
+    assert start(3, 2, True) == {"start-up model": (225 + 15 + 8 + 10) * 4, "start-up: a module whole": 900 * 4}
+    assert start(0, 4, True) == {}  # ZeRO-0 in fp32 trains the model as built
 
 
 def test_block_activations_are_what_autograd_saves():
