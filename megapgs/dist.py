@@ -107,6 +107,15 @@ def join_process_group(dist: DistInfo) -> None:
                 os.environ[name] = value
 
 
+def leave_process_group() -> None:
+    """Destroy every process group before the interpreter exits. A gloo group left to the interpreter's
+    teardown aborts the process now and then ("terminate called without an active exception", SIGABRT
+    after the run's work is done): 18 of 40 two-rank exits of a bare gloo script with torch 2.14, 0 of
+    40 with this call (BENCHMARKS.md)."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def init_distributed() -> DistInfo:
     """Read the launcher's environment and, with more than one rank, join the process group."""
     world_size = _env_int("WORLD_SIZE", 1)
