@@ -136,7 +136,25 @@ def run_table(cfg: Config, plan: RunPlan, data: DataPlan, device: str, schedule_
     table.add_row("parameters", f"{counts.total:,} (vision {counts.vision:,}, text {counts.text:,}, logit scale"
                                 f"{' and bias' if cfg.train.loss == 'siglip' else ''}); largest block "
                                 f"{counts.largest_block:,}")
+    theirs = deepspeed_states_estimate(cfg.zero_stage, counts.total, counts.largest_block, plan.world_size)
+    if theirs is not None:
+        table.add_row("DeepSpeed's estimate", f"{gib(theirs)} of model states per GPU (its estimate_zero"
+                      f"{3 if cfg.zero_stage == 3 else 2}_model_states_mem_needs, no offload, 16-bit parameters)")
     return table
+
+
+def deepspeed_states_estimate(stage: int, params: int, largest_block: int, world_size: int) -> int | None:
+    """DeepSpeed's own arithmetic for the model states per GPU under ZeRO 1-3 (none for stage 0),
+    to read beside ours: its factors assume 16-bit parameters and count no buckets or activations."""
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        return estimate_zero3_model_states_mem_needs(params, largest_block, world_size, 1, cpu_offload=False)[1]
+    if stage in (1, 2):
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        return estimate_zero2_model_states_mem_needs(params, world_size, 1, cpu_offload=False)[1]
+    return None
 
 
 def memory_tables(estimate: MemoryEstimate, device_memory: float | None) -> tuple[Table, Table]:
@@ -146,7 +164,9 @@ def memory_tables(estimate: MemoryEstimate, device_memory: float | None) -> tupl
     terms.add_column("what")
     for term in estimate.terms.values():
         terms.add_row(term.name, gib(term.bytes), term.note)
-    phases = Table(title="phases of a step (the peak is the largest)", title_justify="left")
+    rule = ("the peak is the largest" if estimate.device != "cpu" else
+            "the peak: what lives all along + the largest heap use + the largest mapped transients")
+    phases = Table(title=f"phases of a step ({rule})", title_justify="left")
     phases.add_column("phase")
     phases.add_column("total", justify="right")
     phases.add_column("terms")
