@@ -42,6 +42,7 @@ def no_training(monkeypatch):
     monkeypatch.setattr(deepspeed, "initialize", forbidden)
     monkeypatch.setattr(entry, "init_distributed", forbidden)
     monkeypatch.setattr(entry, "train", forbidden)
+    monkeypatch.setattr(entry, "prepare_data", forbidden)  # it writes the embedded default's shards
     monkeypatch.setattr(megapgs.data.prepare, "prepare_data", forbidden)
     monkeypatch.setattr(megapgs.data.shard_index, "index_shards", forbidden)
 
