@@ -13,6 +13,7 @@ collectives anywhere else.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -84,6 +85,8 @@ def join_process_group(dist: DistInfo) -> None:
     disable_deepspeed_shm_op()
     if dist.is_local_main:
         sweep_stale_files()
+    atexit.unregister(leave_process_group)  # once, however often a process joins
+    atexit.register(leave_process_group)
     if tdist.is_initialized():
         deepspeed.init_distributed(verbose=False)  # adopts the group that is already there
         return
@@ -108,10 +111,14 @@ def join_process_group(dist: DistInfo) -> None:
 
 
 def leave_process_group() -> None:
-    """Destroy every process group before the interpreter exits. A gloo group left to the interpreter's
-    teardown aborts the process now and then ("terminate called without an active exception", SIGABRT
-    after the run's work is done): 18 of 40 two-rank exits of a bare gloo script with torch 2.14, 0 of
-    40 with this call (BENCHMARKS.md)."""
+    """Destroy every process group. `join_process_group` registers it to run at the interpreter's exit
+    (atexit runs before finalization begins): a gloo group left to the interpreter's teardown aborts
+    the process now and then ("terminate called without an active exception", SIGABRT, after the
+    run's work is done: a gloo worker thread frees a finished collective's tensors once Python is
+    finalizing, and the GIL it asks for answers with pthread_exit). 18 of 40 two-rank exits of a bare
+    gloo script with torch 2.14, 0 of 40 with this call (BENCHMARKS.md). Not called when a run ends
+    (main returning) because a process may run again in the same interpreter (tests do), and DeepSpeed
+    keeps the groups it made."""
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
 

@@ -19,9 +19,9 @@ from typing import Sequence
 from rich.table import Table
 
 from megapgs import exit_codes
-from megapgs.config import Config, ConfigError, load_config
+from megapgs.config import ConfigError, load_config
 from megapgs.data.prepare import DataError, prepare_data
-from megapgs.dist import DistInfo, init_distributed, leave_process_group
+from megapgs.dist import init_distributed
 from megapgs.log import console, setup_logging
 from megapgs.packed import Packed
 from megapgs.train.checkpoint import complete_checkpoints
@@ -101,14 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return dry_run(cfg, args.world_size)
     dist = init_distributed()
-    try:
-        return run(cfg, dist)
-    finally:
-        leave_process_group()
-
-
-def run(cfg: Config, dist: DistInfo) -> int:
-    """One rank's run, from a valid config to its exit code."""
     setup_logging(cfg.log.level, dist.rank)
     started = time.perf_counter()
     try:

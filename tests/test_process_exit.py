@@ -9,9 +9,7 @@ import sys
 
 import pytest
 
-from megapgs import entry, exit_codes
 from megapgs.config import REPO_ROOT
-from megapgs.dist import DistInfo
 
 # the shape that aborts most often: the collective right before the exit (45% of two-rank runs
 # without leave_process_group, 0 of 40 with it: BENCHMARKS.md)
@@ -37,21 +35,21 @@ def test_two_gloo_ranks_that_leave_the_group_exit_cleanly(tmp_path):
         assert result.returncode == 0 and "terminate called" not in output, f"run {run}: {output[-3000:]}"
 
 
-@pytest.mark.parametrize("outcome", [exit_codes.OK, exit_codes.RESUME_REFUSED, RuntimeError("a bug")])
-def test_main_leaves_the_process_group_however_the_run_ends(monkeypatch, outcome):
-    left = []
-    monkeypatch.setattr(entry, "init_distributed", lambda: DistInfo(0, 1, 0, "cpu"))
-    monkeypatch.setattr(entry, "leave_process_group", lambda: left.append(True))
+JOIN_TWICE_AND_EXIT = (
+    "import torch, torch.distributed as tdist\n"
+    "from megapgs.dist import DistInfo, join_process_group\n"
+    "real = tdist.destroy_process_group\n"
+    "def destroy(*args):\n"
+    "    print('destroyed while initialized:', tdist.is_initialized(), flush=True)\n"
+    "    real(*args)\n"
+    "tdist.destroy_process_group = destroy\n"
+    "join_process_group(DistInfo(0, 1, 0, torch.device('cpu')))\n"
+    "join_process_group(DistInfo(0, 1, 0, torch.device('cpu')))\n"
+    "print('exiting', flush=True)\n")
 
-    def run(cfg, dist):
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
 
-    monkeypatch.setattr(entry, "run", run)
-    if isinstance(outcome, Exception):
-        with pytest.raises(RuntimeError):
-            entry.main([])
-    else:
-        assert entry.main([]) == outcome
-    assert left == [True]
+def test_a_process_that_joined_a_group_destroys_it_at_exit():
+    result = subprocess.run([sys.executable, "-c", JOIN_TWICE_AND_EXIT], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-2:] == ["exiting", "destroyed while initialized: True"]
