@@ -115,10 +115,10 @@ def leave_process_group() -> None:
     (atexit runs before finalization begins): a gloo group left to the interpreter's teardown aborts
     the process now and then ("terminate called without an active exception", SIGABRT, after the
     run's work is done: a gloo worker thread frees a finished collective's tensors once Python is
-    finalizing, and the GIL it asks for answers with pthread_exit). 18 of 40 two-rank exits of a bare
-    gloo script with torch 2.14, 0 of 40 with this call (BENCHMARKS.md). Not called when a run ends
-    (main returning) because a process may run again in the same interpreter (tests do), and DeepSpeed
-    keeps the groups it made."""
+    finalizing, and the GIL it asks for answers with pthread_exit). Two-rank exits of a bare gloo
+    script with torch 2.14: 18 and 7 of 40 aborted, 0 of 40 with this call (BENCHMARKS.md). Not
+    called when a run ends (main returning): a process may run again in the same interpreter (tests
+    do), and DeepSpeed keeps the groups it made."""
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
 

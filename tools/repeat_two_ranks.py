@@ -6,6 +6,12 @@ with the time of each run and the /dev/shm files each one left behind.
     python tools/repeat_two_ranks.py --runs 30 --pgs --stage 3       # ..._with_pgs's run
     python tools/repeat_two_ranks.py --runs 10 --launcher deepspeed  # DeepSpeed's launcher (LOCAL_SIZE set)
     python tools/repeat_two_ranks.py --runs 30 --tree /path/to/other/checkout   # the same runs of another tree
+    python tools/repeat_two_ranks.py --runs 40 --bare-gloo [--without-leave | --at-exit]   # the exit alone
+
+--bare-gloo runs, instead of training, two gloo ranks that all-reduce 5 times and exit, through
+megapgs.dist.leave_process_group called at the end (with --at-exit: from an atexit handler, as
+join_process_group registers it; with --without-leave: the group left to the interpreter's
+teardown): the exit that aborted now and then (megapgs/dist.py).
 
 Each run's output is kept in OUT/run_NN.log; the last line is the summary: runs, exits by code,
 aborts (a rank ended by SIGABRT or printed "terminate called"), median seconds a run (launch to
@@ -43,8 +49,24 @@ def mean_step_ms(run_dir: Path) -> float | None:
     return statistics.mean(times) if times else None
 
 
+BARE_GLOO = ("import torch, torch.distributed as dist\n"
+             "from megapgs.dist import leave_process_group\n"
+             "dist.init_process_group('gloo')\n"
+             "x = torch.ones(1000)\n"
+             "for _ in range(5):\n"
+             "    dist.all_reduce(x)\n"
+             "{leave}\n")
+
+
 def command(args: argparse.Namespace, run_dir: Path) -> list[str]:
     bin_dir = os.path.dirname(sys.executable)
+    if args.bare_gloo:
+        script = run_dir.parent / "bare_gloo.py"
+        leave = ("" if args.without_leave else
+                 "import atexit; atexit.register(leave_process_group)" if args.at_exit else "leave_process_group()")
+        script.write_text(BARE_GLOO.format(leave=leave))
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(args.port), str(script)]
     if args.launcher == "deepspeed":
         launch = [os.path.join(bin_dir, "deepspeed"), "--num_gpus", "2", "--master_port", str(args.port)]
     else:
@@ -65,10 +87,15 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=29631, help="master port")
     parser.add_argument("--tree", type=Path, default=REPO_ROOT, help="the checkout whose launch/pretrain.py runs")
     parser.add_argument("--out", type=Path, default=None, help="where logs and run folders go (default: a temp dir)")
+    parser.add_argument("--bare-gloo", action="store_true", help="run two gloo ranks that all-reduce and exit")
+    parser.add_argument("--without-leave", action="store_true", help="with --bare-gloo: exit without leaving the group")
+    parser.add_argument("--at-exit", action="store_true",
+                        help="with --bare-gloo: leave from an atexit handler, as join_process_group registers it")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="megapgs-repeat-"))
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+           "PYTHONPATH": str(args.tree)}
     shm_before = set(os.listdir("/dev/shm"))
     codes: Counter[int] = Counter()
     aborts, seconds, training = 0, [], []
@@ -87,7 +114,10 @@ def main() -> int:
             training.append(step_ms)
         print(f"run {i:2d}: exit {result.returncode}{' ABORT' if aborted else ''}, {seconds[-1]:.1f} s", flush=True)
     left = sorted(set(os.listdir("/dev/shm")) - shm_before)
-    print(f"{args.runs} runs ({args.launcher}, ZeRO-{args.stage}{', PGS' if args.pgs else ''}, tree {args.tree}): "
+    how = "without" if args.without_leave else "atexit" if args.at_exit else "with"
+    what = (f"bare gloo exit, {how} leave_process_group" if args.bare_gloo
+            else f"{args.launcher}, ZeRO-{args.stage}{', PGS' if args.pgs else ''}")
+    print(f"{args.runs} runs ({what}, tree {args.tree}): "
           f"exits {dict(sorted(codes.items()))}, aborts {aborts}/{args.runs}, median {statistics.median(seconds):.1f} s "
           f"a run (min {min(seconds):.1f}, max {max(seconds):.1f})"
           + (f", median step {statistics.median(training):.0f} ms" if training else "")
