@@ -29,7 +29,6 @@ A run on another number of ranks loads the weights and the optimizer, not the da
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -91,19 +90,15 @@ def _tower_difference(saved: str, now: str) -> str | None:
     else what differs."""
     if saved == now:
         return None
-    from megapgs.models.archs import get_arch
+    from megapgs.models.archs import ArchError, get_arch
 
     try:
-        a, b = get_arch(saved), get_arch(now)
-    except Exception:  # noqa: BLE001 - a saved arch this version cannot resolve: compare the names
+        have, want = get_arch(saved).numbers(), get_arch(now).numbers()
+    except ArchError:  # a saved arch this version cannot resolve: compare the names
         return "another architecture"
-    if (a.embed_dim, a.vision, a.text) == (b.embed_dim, b.vision, b.text):
+    if have == want:
         return None
-    have = {"embed_dim": a.embed_dim, **{f"vision.{k}": v for k, v in dataclasses.asdict(a.vision).items()},
-            **{f"text.{k}": v for k, v in dataclasses.asdict(a.text).items()}}
-    want = {"embed_dim": b.embed_dim, **{f"vision.{k}": v for k, v in dataclasses.asdict(b.vision).items()},
-            **{f"text.{k}": v for k, v in dataclasses.asdict(b.text).items()}}
-    return ", ".join(f"{key} {have[key]} vs {want[key]}" for key in want if have.get(key) != want[key])
+    return ", ".join(f"{key} {have.get(key)} vs {want[key]}" for key in want if have.get(key) != want[key])
 
 
 def compare_configs(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str], list[str]]:
