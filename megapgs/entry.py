@@ -29,6 +29,7 @@ from megapgs.train.engine import InitWeightsError
 from megapgs.train.loop import RunSummary, train
 from megapgs.train.plan import RunPlan, plan_run
 from megapgs.train.preempt import PREEMPTED_EXIT
+from megapgs.train.reshard import ReshardError
 from megapgs.train.resume_check import ResumeRefused, check_resume
 from megapgs.train.safe_load import UnsafeCheckpointError
 from megapgs.train.start import StartError, decide_start
@@ -133,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, InitWeightsError, UnsafeCheckpointError) as err:
         log.error("%s", err)
         return exit_codes.BAD_INPUT
+    except ReshardError as err:
+        log.error("%s", err)
+        return exit_codes.RESUME_REFUSED
     except DiskFullError as err:
         log.error("%s", err)
         return exit_codes.DISK_FULL

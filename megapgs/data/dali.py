@@ -36,9 +36,9 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from megapgs.config import DataConfig
 from megapgs.data.dali_stream import Position, ReaderBatch, ReaderThread, StreamSpec, stream_batches
-from megapgs.data.faults import DataError, SkipCounter
+from megapgs.data.faults import DataError, SkipCounter, skips_of_old_ranks
 from megapgs.data.shard_index import IndexedShard, deep_check_image
-from megapgs.data.wds import Batch
+from megapgs.data.wds import Batch, warn_split_anew
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = "megapgs-dali-loader/1"
@@ -259,6 +259,18 @@ class DaliLoader:
                      "samples the uninterrupted run would have read next)", position.epoch, position.window,
                      position.batch, position.offset)
         self.position = position
+
+    def load_other_world_states(self, states: list[dict], samples_seen: int) -> None:
+        """Resume from a run on len(states) ranks (megapgs/train/reshard.py): the shards are split
+        anew, so this rank starts the epoch after the newest any old rank was in."""
+        for state in states:
+            if state.get("format") != STATE_FORMAT:
+                raise ValueError(f"not a DALI loader state (format {state.get('format')!r}, expected {STATE_FORMAT!r})")
+        epoch = max(Position.from_state(state["position"]).epoch for state in states) + 1
+        self.skips = skips_of_old_ranks([state["skips"] for state in states], self.rank, self.spec.world_size)
+        self.bad_keys = {key: why for state in states for key, why in state.get("bad_keys", {}).items()}
+        self.position = Position(epoch=epoch)
+        warn_split_anew(len(states), self.spec.world_size, epoch, samples_seen)
 
     def __iter__(self) -> Iterator[Batch]:
         start = self.position

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -45,6 +45,12 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LOGGED_PER_REASON = 5  # each process logs the first few skips of each reason, then only counts
 
 
+def skips_of_old_ranks(counts: Sequence[Mapping[str, int]], rank: int, world_size: int) -> SkipCounter:
+    """A run resumed on `world_size` ranks from one on len(counts): the skip counts of old ranks
+    r with r mod world_size == rank, so the sum over the new ranks is the old total."""
+    return SkipCounter.summed(counts[rank::world_size])
+
+
 class SkipCounter:
     """Skips by reason. `counts` is a plain {reason: int} dict (every reason present)."""
 
@@ -64,6 +70,13 @@ class SkipCounter:
             more = " (further skips of this kind are counted, not logged)" if (
                 self._logged[reason] == LOGGED_PER_REASON) else ""
             log.warning("skipped %s: %s%s%s", where or "input", reason, f" ({detail})" if detail else "", more)
+
+    @staticmethod
+    def summed(counts: Iterable[Mapping[str, int]]) -> SkipCounter:
+        total = SkipCounter()
+        for one in counts:
+            total.merge(one)
+        return total
 
     def merge(self, counts: Mapping[str, int] | SkipCounter) -> None:
         """Add another counter's counts (a worker's, a rank's, a checkpoint's) to this one."""

@@ -81,6 +81,11 @@ class SyntheticLoader:
     def load_state_dict(self, state: dict) -> None:
         self.batches = int(state.get("batches", 0))
 
+    def load_other_world_states(self, states: list[dict], samples_seen: int) -> None:
+        """Resume from a run on len(states) ranks: the stream is global, so it continues exactly at
+        the next global sample, dealt over this run's ranks."""
+        self.batches = samples_seen // (self.batch_size * self.world_size)
+
 
 def build_synthetic_loader(*, batch_size: int, image_size: int, context_length: int, device: torch.device | str,
                            seed: int = 0, rank: int = 0, world_size: int = 1,

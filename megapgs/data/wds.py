@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
 from megapgs.config import DataConfig
-from megapgs.data.faults import DataError, FruitlessReads, SkipCounter, check_caption, decode_image, image_member
+from megapgs.data.faults import (DataError, FruitlessReads, SkipCounter, check_caption, decode_image, image_member,
+                                 skips_of_old_ranks)
 from megapgs.data.shards import read_shard
 from megapgs.data.transforms import derive_seed, eval_pixels, normalize, train_pixels
 
@@ -265,6 +266,27 @@ class TrainLoader:
                         "instead of the exact place", ", ".join(f"{k}={a} (now {b})" for k, (a, b) in changed.items()),
                         epoch)
         self._epoch_logged = min(p[0] for p in self.positions)
+
+    def load_other_world_states(self, states: list[dict], samples_seen: int) -> None:
+        """Resume from a run on len(states) ranks (megapgs/train/reshard.py): the shards are split
+        anew, so this rank starts the epoch after the newest any old rank was in."""
+        spec = self.spec
+        epoch = max(p[0] for state in states for p in state["positions"]) + 1
+        self.skips = skips_of_old_ranks([s["skips"] for s in states], spec.rank, spec.world_size)
+        mine = states[spec.rank::spec.world_size]
+        epochs = {e for state in mine for e in state.get("skips_by_epoch", {})}
+        self.skips_by_epoch = {int(e): SkipCounter.summed(s["skips_by_epoch"][e] for s in mine if e in s.get(
+            "skips_by_epoch", {})) for e in epochs}
+        self.positions, self.next_worker = [(epoch, 0)] * spec.workers, 0
+        self.batches = samples_seen // (spec.batch_size * spec.world_size)
+        self._epoch_logged = epoch
+        warn_split_anew(len(states), spec.world_size, epoch, samples_seen)
+
+
+def warn_split_anew(old_world_size: int, world_size: int, epoch: int, samples_seen: int) -> None:
+    log.warning("data: the checkpoint was written by %d rank(s), this run has %d: the shards are split anew and "
+                "every rank starts epoch %d (%s samples seen so far)", old_world_size, world_size, epoch,
+                f"{samples_seen:,}")
 
 
 def build_train_loader(cfg: DataConfig, shards: Sequence[str], *, image_size: int, tokenizer, batch_size: int,

@@ -4,6 +4,8 @@ crash at any moment leaves a usable checkpoint.
     <output_dir>/checkpoints/step_00000400/     DeepSpeed's files for tag step_00000400
                              step_00000400/megapgs_rank{r}.pt   per rank: step, data position, RNG
                              step_00000400/COMPLETE             written last, by rank 0, after all ranks
+                             step_00000400/universal/           made on a resume on another number of
+                                                                ranks (megapgs/train/reshard.py)
                              latest                             the newest complete tag (atomic replace)
 
 A checkpoint counts only once COMPLETE exists; `--resume auto` takes the newest complete one
@@ -13,6 +15,7 @@ only after the new one is complete.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -42,6 +45,8 @@ class TrainState:
     step: int                      # optimizer steps completed
     samples_seen: int              # global samples consumed
     loader: dict[str, Any] | None  # this rank's data position (TrainLoader.state_dict())
+    # a checkpoint of another number of ranks: every old rank's loader state, in rank order
+    other_world_loaders: list[dict[str, Any] | None] | None = None
 
 
 def tag_for(step: int) -> str:
@@ -141,22 +146,30 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
 
 def load_checkpoint(engine, path: Path, dist: DistInfo) -> TrainState:
     """Restore the engine (weights, optimizer, ZeRO shards) and this rank's state from `path`.
-    DeepSpeed unpickles its files without torch's weights-only guard: they are vetted first."""
+    DeepSpeed unpickles its files without torch's weights-only guard: they are vetted first. A
+    checkpoint of another number of ranks goes through megapgs/train/reshard.py (the engine was
+    built with `checkpoint.load_universal` when its ZeRO partitions need converting)."""
+    from megapgs.train import reshard
+
     vet_checkpoint_dir(path)
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                       load_lr_scheduler_states=False)
+    marker = json.loads((path / COMPLETE).read_text())
+    load_dir, tag = path.parent, path.name
+    resharded = marker["world_size"] != dist.world_size
+    old_loaders = [payload["loader"] for payload in reshard.old_rank_payloads(path)] if resharded else None
+    universal = resharded and reshard.needs_universal(path, dist.world_size)
+    if universal:
+        load_dir, tag = path, reshard.universal_checkpoint(path, dist).name
+    with reshard.universal_load_repaired(engine.optimizer) if universal else contextlib.nullcontext():
+        loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
     if loaded is None:
         raise FileNotFoundError(f"DeepSpeed could not load the checkpoint at {path}")
-    marker = json.loads((path / COMPLETE).read_text())
-    rank_file = path / f"megapgs_rank{dist.rank}.pt"
-    loader_state = None
-    if marker["world_size"] == dist.world_size and rank_file.is_file():
-        payload = load_weights_only(rank_file)
-        _set_rng_state(payload["rng"])
-        loader_state = payload["loader"]
-    else:
-        log.warning("checkpoint %s was written by %d rank(s), this run has %d: weights and optimizer "
-                    "restored, the data position is not (the loader starts a fresh pass)",
-                    path, marker["world_size"], dist.world_size)
     log.info("resumed from %s (step %d, %s samples seen)", path, marker["step"], f"{marker['samples_seen']:,}")
-    return TrainState(marker["step"], marker["samples_seen"], loader_state)
+    if resharded:
+        log.warning("checkpoint %s was written by %d rank(s), this run has %d: weights, optimizer state, step and "
+                    "learning rate continue; the data position is dealt anew (megapgs/train/reshard.py)",
+                    path, marker["world_size"], dist.world_size)
+        return TrainState(marker["step"], marker["samples_seen"], None, other_world_loaders=old_loaders)
+    payload = load_weights_only(path / f"megapgs_rank{dist.rank}.pt")
+    _set_rng_state(payload["rng"])
+    return TrainState(marker["step"], marker["samples_seen"], payload["loader"])

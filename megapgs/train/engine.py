@@ -62,10 +62,11 @@ def _without_throughput_timer(timers: dict[str, Any]) -> dict[str, Any]:
     return {**timers, "throughput": throughput}
 
 
-def deepspeed_config(cfg: Config, plan: RunPlan) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, plan: RunPlan, load_universal: bool = False) -> dict[str, Any]:
     """The config's DeepSpeed section plus what megapgs owns: the batch sizes; DeepSpeed's step
     printing and throughput timer off (megapgs logs, and the timer synchronises the device at
-    every forward and step); bf16 gradients accumulated in fp32 unless the config says otherwise."""
+    every forward and step); bf16 gradients accumulated in fp32 unless the config says otherwise;
+    `checkpoint.load_universal` when the resumed checkpoint is a Universal one (reshard.py)."""
     ds = {
         **cfg.deepspeed,
         "train_batch_size": plan.global_batch_size,
@@ -77,6 +78,8 @@ def deepspeed_config(cfg: Config, plan: RunPlan) -> dict[str, Any]:
     }
     if cfg.precision == "bf16":
         ds["data_types"] = {"grad_accum_dtype": "fp32", **cfg.deepspeed.get("data_types", {})}
+    if load_universal:
+        ds["checkpoint"] = {**cfg.deepspeed.get("checkpoint", {}), "load_universal": True}
     return ds
 
 
@@ -140,15 +143,17 @@ def load_whole(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
                         tensor.data.copy_(state[name])
 
 
-def build_engine(cfg: Config, plan: RunPlan, dist: DistInfo, init_from: str | None = None):
+def build_engine(cfg: Config, plan: RunPlan, dist: DistInfo, init_from: str | None = None,
+                 load_universal: bool = False):
     """(DeepSpeed engine, the bare CLIP inside it). Same seed on every rank: same initial weights;
-    `init_from` (megapgs/train/start.py decides it) replaces them before ZeRO partitions the model."""
+    `init_from` (megapgs/train/start.py decides it) replaces them before ZeRO partitions the model;
+    `load_universal`: the engine will load a Universal Checkpoint (megapgs/train/reshard.py)."""
     import deepspeed
 
     join_process_group(dist)  # a one-rank group for a plain `python pretrain.py`
     torch.manual_seed(cfg.train.seed)
     dtype = DTYPES[cfg.precision]
-    ds_config = deepspeed_config(cfg, plan)
+    ds_config = deepspeed_config(cfg, plan, load_universal)
     partitioned = cfg.zero_stage == 3 and cfg.model.partitioned_init
     # ZeRO-3: each module's parameters are cut into this rank's shard as soon as it is built, so no
     # rank ever holds the whole model (F.linear is left alone: mem_efficient_linear would change numerics)

@@ -30,6 +30,7 @@ from megapgs.train.metrics import MetricsWriter
 from megapgs.train.plan import RunPlan
 from megapgs.train.preempt import StopRequest
 from megapgs.train.progress import TrainProgress
+from megapgs.train.reshard import needs_universal
 from megapgs.train.schedule import lr_at, masking_at, progress_at
 from megapgs.train.step import MicroBatch, TrainStep, pgs_masker
 from megapgs.train.window import Window
@@ -76,7 +77,8 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: Sta
         write_json_atomic(run_dir / "config.json", json.loads(config_json))
 
     # Build in a fixed order: engine (model, optimizer, ZeRO) -> tokenizer -> loader -> loss -> resume.
-    engine, _ = build_engine(cfg, plan, dist, start.init_from)
+    universal = start.resume_from is not None and needs_universal(start.resume_from, dist.world_size)
+    engine, _ = build_engine(cfg, plan, dist, start.init_from, load_universal=universal)
     arch, device = plan.arch, dist.device
     compute_dtype = next(engine.module.parameters()).dtype
     tokenizer = Tokenizer(cfg.model.arch)
@@ -87,6 +89,8 @@ def train(cfg: Config, dist: DistInfo, data: DataPlan, plan: RunPlan, start: Sta
         state = load_checkpoint(engine, start.resume_from, dist)
         if state.loader is not None:
             loader.load_state_dict(state.loader)
+        elif state.other_world_loaders is not None:  # saved by another number of ranks
+            loader.load_other_world_states(state.other_world_loaders, state.samples_seen)
 
     def run_eval(step: int) -> dict[str, float]:
         if data.eval_root is None or not (cfg.eval.zeroshot or cfg.eval.retrieval):

@@ -24,8 +24,8 @@ Accepted, everything else; the run logs each change it takes:
     data.* (other keys)                a loader whose shards, workers or shuffle changed starts its next epoch
     eval.*, log.*, deepspeed.* (other keys, e.g. gradient_clipping)
 
-A run on another number of ranks loads the weights and the optimizer, not the data position
-(megapgs/train/checkpoint.py).
+A run on another number of ranks continues through DeepSpeed's Universal Checkpointing
+(megapgs/train/reshard.py).
 """
 from __future__ import annotations
 

@@ -54,3 +54,20 @@ def test_resume_continues_the_stream():
     again.load_state_dict(state)
     assert torch.equal(take(again, 1)[0].images, expected.images)
     assert math.isfinite(float(expected.images.abs().max()))
+
+
+def test_a_run_on_other_ranks_continues_at_the_next_global_sample():
+    """2 ranks x 4 rows, 3 global micro-batches, then 4 ranks x 2 rows: the next 8 samples are the
+    ones the 2-rank run would have read next, dealt over 4 ranks."""
+    common = dict(image_size=8, context_length=8, device="cpu", seed=1, distinct_samples=64)
+    old = [build_synthetic_loader(batch_size=4, rank=r, world_size=2, **common) for r in (0, 1)]
+    for loader in old:
+        take(loader, 3)
+    states = [loader.state_dict() for loader in old]
+    expected = [take(loader, 1)[0] for loader in old]
+    new = [build_synthetic_loader(batch_size=2, rank=r, world_size=4, **common) for r in range(4)]
+    for loader in new:
+        loader.load_other_world_states(states, samples_seen=3 * 8)
+    got = [take(loader, 1)[0] for loader in new]
+    assert sum((b.keys for b in got), []) == sum((b.keys for b in expected), [])
+    assert torch.equal(torch.cat([b.images for b in got]), torch.cat([b.images for b in expected]))

@@ -198,3 +198,23 @@ def test_eval_set_without_captions(tmp_path):
     write_shards(iter([{"__key__": "x", "png": buffer.getvalue(), "cls": "3"}]), tmp_path, 10)
     images, labels, captions, keys = next(iter_eval_batches([str(tmp_path / "0.tar")], image_size=16, batch_size=4))
     assert images.shape == (1, 3, 16, 16) and labels.tolist() == [3] and captions == [""] and keys == ["x"]
+
+
+def test_a_run_on_other_ranks_starts_the_next_epoch_with_the_skip_counts(faulty, tokenizer, caplog):
+    """Saved by 2 ranks, resumed on 3: every rank starts the epoch after the newest an old rank was
+    in, and the old ranks' skip counts are carried once (their sum over the new ranks is the old sum)."""
+    old = [_loader(faulty, tokenizer, rank=r, world_size=2, workers=2, batch_size=2) for r in (0, 1)]
+    for loader in old:
+        _ = [b for _, b in zip(range(4), loader)]
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in old]
+    newest = max(p[0] for state in states for p in state["positions"])
+    new = [_loader(faulty, tokenizer, rank=r, world_size=3, workers=2, batch_size=2) for r in range(3)]
+    with caplog.at_level(logging.WARNING):
+        for loader in new:
+            loader.load_other_world_states(states, samples_seen=16)
+    assert "written by 2 rank(s), this run has 3" in caplog.text
+    total = {reason: sum(s["skips"][reason] for s in states) for reason in states[0]["skips"]}
+    assert sum(total.values()) > 0  # the faulty shards were met, so the check below can fail
+    assert {reason: sum(loader.skips.counts[reason] for loader in new) for reason in total} == total
+    assert all(loader.positions == [(newest + 1, 0)] * 2 for loader in new)
+    assert all(next(iter(loader)).epochs[0] == newest + 1 for loader in new)
