@@ -3,6 +3,7 @@ agreement with the CPU loader, the planted-fault shard set, bad images found onl
 decoder, unreadable data, every rank its own shards, windows, and exact resume."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -198,3 +199,20 @@ def test_a_resumed_loader_delivers_the_batches_the_uninterrupted_one_would_have(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="DALI's mixed (GPU) decoding needs CUDA")
 def test_mixed_mode_matches_cpu_mode(tmp_path, tokenizer):
     assert_gpu_matches_the_cpu_twin(build_dali_loader, tmp_path, tokenizer, "DALI mixed")
+
+
+def test_a_run_on_other_ranks_starts_the_next_epoch_with_the_skip_counts(tmp_path, tokenizer):
+    """Saved by 2 ranks, resumed on 3: every rank starts the epoch after the newest an old rank was
+    in, and the old ranks' skip counts are carried once."""
+    olds = [faulty_loader(tmp_path / f"old{r}", tokenizer, rank=r, world_size=2, batch_size=2)[2] for r in (0, 1)]
+    for loader in olds:
+        _ = [b for _, b in zip(range(5), loader)]
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in olds]
+    total = {reason: sum(s["skips"][reason] for s in states) for reason in states[0]["skips"]}
+    assert sum(total.values()) > 0  # the planted faults were met, so the check below can fail
+    news = [faulty_loader(tmp_path / f"new{r}", tokenizer, rank=r, world_size=3, batch_size=2)[2] for r in range(3)]
+    for loader in news:
+        loader.load_other_world_states(states, samples_seen=20)
+    assert {reason: sum(loader.skips.counts[reason] for loader in news) for reason in total} == total
+    newest = max(s["position"]["epoch"] for s in states)
+    assert all(next(iter(loader)).epochs[0] == newest + 1 for loader in news)
