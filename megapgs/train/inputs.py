@@ -56,6 +56,14 @@ class EndlessFullBatches:
                     state["epoch"])
         self.epochs_started = int(state["epoch"])
 
+    def load_other_world_states(self, states: list[dict], samples_seen: int) -> None:
+        """Resume from a run on len(states) ranks (megapgs/train/reshard.py): as on the same ranks,
+        the newest epoch starts afresh, in a new order."""
+        epochs = [int(state["epoch"]) for state in states if state.get("format") == "megapgs-epochs/1"]
+        self.epochs_started = max(epochs, default=0)
+        log.warning("data: the checkpoint was written by %d rank(s), this run has %d: epoch %d starts afresh, in a "
+                    "new order", len(states), self.loader.world_size, self.epochs_started)
+
 
 def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`tensor` on the training device without waiting for it: a copy from pageable host memory

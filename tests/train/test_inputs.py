@@ -51,3 +51,21 @@ def test_dali_by_name_does_not_fall_back(tmp_path, monkeypatch):
 def test_a_data_fault_is_not_taken_for_a_broken_dali(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="no readable sample"):
         _build(tmp_path, "auto", DataError("no readable sample in the 2 indexed shards"), monkeypatch)
+
+
+def test_an_epoch_loader_resumed_on_other_ranks_restarts_the_newest_epoch(caplog):
+    """The nvJPEG path's EndlessFullBatches: saved by 2 ranks in epochs 3 and 4, resumed on 3 ranks,
+    epoch 4 starts afresh (as on the same ranks)."""
+    class OneEpoch:
+        samples_per_epoch, world_size = 4, 3
+        skips = None
+
+        def __iter__(self):
+            return iter(())
+
+    loader = inputs.EndlessFullBatches(OneEpoch(), batch_size=2)
+    states = [{"format": "megapgs-epochs/1", "epoch": 3}, {"format": "megapgs-epochs/1", "epoch": 4}]
+    with caplog.at_level(logging.WARNING):
+        loader.load_other_world_states(states, samples_seen=64)
+    assert loader.epochs_started == 4 and loader.state_dict()["epoch"] == 3  # the next pass is epoch 4
+    assert "written by 2 rank(s), this run has 3: epoch 4 starts afresh" in caplog.text
