@@ -63,6 +63,14 @@ BASELINE_CASES = [Case(f"baseline-z{zero}", "configs/tiny_cpu.json", 1, zero, 1,
 CASES = [Case(f"{arch}-z{zero}-{ranks}", config, batch, zero, ranks)
          for arch, config, batch in (("tiny", "configs/tiny_cpu.json", 128), ("vitb16", "configs/vitb16_pgs03.json", 8))
          for zero in (0, 3) for ranks in (1, 2)]
+# Partitioned construction (issue 15, item 6): ViT-L/14 on 2 ranks under ZeRO-3, built under
+# deepspeed.zero.Init or whole; not among the default cases (about 10 GiB per rank, minutes a case).
+# DeepSpeed's default reduce bucket (5e8 elements, 1.9 GiB in fp32, larger than ViT-L) is cut to 5e7
+# so that two ranks fit in a 24 GB machine.
+ZERO_INIT_CASES = [Case(f"vitl-z3-2-{name}", "configs/vitl_pgs03.json", 1, 3, 2,
+                        (f"model.partitioned_init={flag}", "deepspeed.zero_optimization.reduce_bucket_size=50000000"))
+                   for name, flag in (("whole", "false"), ("partitioned", "true"))]
+ALL_CASES = CASES + ZERO_INIT_CASES
 
 
 # ----------------------------------------------------------------------------- inside a rank
@@ -158,7 +166,7 @@ def mib(n: float) -> str:
 
 def compare(results: dict[str, list[dict]], steps: int) -> list[dict]:
     rows = []
-    for case in CASES:
+    for case in ALL_CASES:
         if case.name not in results:
             continue
         estimate = estimate_case(case, steps)
@@ -185,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--rank-main"]:
         return rank_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="*", default=[c.name for c in CASES], choices=[c.name for c in CASES])
+    parser.add_argument("--cases", nargs="*", default=[c.name for c in CASES],
+                        choices=[c.name for c in ALL_CASES])
     parser.add_argument("--steps", type=int, default=4, help="training steps per case")
     parser.add_argument("--port", type=int, default=29700, help="first torchrun master port (29700-29720)")
     parser.add_argument("--json", type=Path, help="write the measurements and the comparison here")
@@ -200,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results, steps = {}, args.steps
         ports = iter(p for p in PORTS if p >= args.port)
-        for case in CASES:
+        for case in ALL_CASES:
             if case.name in args.cases:
                 results[case.name] = run_case(case, steps, next(ports))
                 print(f"{case.name}: peak RSS per rank {[mib(r['vmhwm']) for r in results[case.name]]} "
