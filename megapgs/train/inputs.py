@@ -111,5 +111,9 @@ def build_loader(cfg: Config, data: DataPlan, plan: RunPlan, dist: DistInfo, tok
                                   plan.micro_batch_size)
     from megapgs.data.wds import build_train_loader
 
+    if backend == "wds" and cfg.data.loader == "auto" and dist.device.type == "cuda":
+        log.warning("data: DALI is not installed, so data.loader auto reads with webdataset + PIL, decoding on the "
+                    "CPU, which may not keep the GPU busy: pip install -r requirements-gpu.txt (or set "
+                    "data.loader=wds to choose it)")
     log.info("data: webdataset + PIL loader")
     return build_train_loader(cfg.data, list(data.train_urls), samples_per_epoch=data.train_samples, **common)

@@ -2,6 +2,7 @@
 says why, when DALI is installed but cannot load or start (library, driver); DALI asked for by name,
 and faults of the data, are not hidden by a fallback."""
 import logging
+import sys
 
 import pytest
 import torch
@@ -69,3 +70,18 @@ def test_an_epoch_loader_resumed_on_other_ranks_restarts_the_newest_epoch(caplog
         loader.load_other_world_states(states, samples_seen=64)
     assert loader.epochs_started == 4 and loader.state_dict()["epoch"] == 3  # the next pass is epoch 4
     assert "written by 2 rank(s), this run has 3: epoch 4 starts afresh" in caplog.text
+
+
+def test_auto_on_a_gpu_without_dali_says_so(tmp_path, monkeypatch, caplog):
+    """No silent change of loader: on a GPU, `auto` without the DALI package warns that PIL decodes."""
+    urls = tuple(photo_shards(tmp_path / "photos"))
+    cfg = load_config(None, ["data.source=webdataset", f"data.train_shards={tmp_path}/photos/manifest.json",
+                             "data.workers=0", "train.micro_batch_size=4", "train.global_batch_size=4",
+                             "eval.zeroshot=false", "eval.retrieval=false"])
+    data = DataPlan(urls, 20, None, None, train_index=())
+    on_gpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # find_spec: not installed
+    with caplog.at_level(logging.WARNING):
+        loader = inputs.build_loader(cfg, data, plan_run(cfg, ONE_RANK, data), on_gpu, tokenizer=None)
+    assert isinstance(loader, TrainLoader)
+    assert "DALI is not installed" in caplog.text and "requirements-gpu.txt" in caplog.text
