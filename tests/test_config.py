@@ -13,9 +13,9 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("*.json"))
 TINY = read_json(DEFAULT_CONFIG)
 
 
-def test_six_configs_ship():
+def test_seven_configs_ship():
     assert {p.stem for p in CONFIGS} == {"tiny_cpu", "vitb16_pgs03", "vitb16_pgs05",
-                                         "vitl_pgs03", "vitl_pgs05", "vith_pgs03"}
+                                         "vitl_pgs03", "vitl_pgs05", "vith_pgs03", "vitg_pgs03"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -31,9 +31,11 @@ def test_paper_recipe_values():
     assert (cfg03.pgs.candidate_ratio, cfg03.pgs.sim_threshold, cfg03.pgs.use_edges, cfg03.pgs.use_ot) == (0.05, 0.5, True, True)
     assert (cfg03.pgs.min_mask_ratio, cfg05.pgs.min_mask_ratio) == (0.3, 0.5)
     assert cfg03.train.local_loss and cfg03.train.gather_with_grad and cfg03.model.grad_checkpointing
-    for name in ("vitl_pgs03", "vitl_pgs05", "vith_pgs03"):
+    for name in ("vitl_pgs03", "vitl_pgs05", "vith_pgs03", "vitg_pgs03"):  # the recipe of docs/SCALING.md
         cfg = load_config(REPO_ROOT / f"configs/{name}.json")
-        assert (cfg.zero_stage, cfg.precision) == (3, "bf16")
+        assert (cfg.zero_stage, cfg.precision, cfg.deepspeed["data_types"]["grad_accum_dtype"]) == (1, "bf16", "fp32")
+        assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.warmup_steps) == (5e-4, (0.9, 0.95), 1e-6, 10000)
+        assert (cfg.pgs.unmasked_tail, cfg.model.grad_checkpointing, cfg.train.global_batch_size) == (0.064, False, 32768)
 
 
 def _with(change):

@@ -216,7 +216,7 @@ def test_cpu_peak_keeps_the_heap_and_adds_the_largest_mapped_transient():
 
 
 def test_checkpointing_moves_the_peak_by_the_activations():
-    cfg = load_config(REPO_ROOT / "configs" / "vitl_pgs03.json")
+    cfg = load_config(REPO_ROOT / "configs" / "vitl_pgs03.json", ["model.grad_checkpointing=true"])
     estimate = estimate_for(cfg, world_size=64, device="cuda")
     assert estimate.checkpointing and estimate.other_activations > 5 * estimate.terms["activations"].bytes
     assert estimate.peak_with_other_checkpointing() > estimate.peak_bytes
