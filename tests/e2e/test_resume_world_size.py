@@ -3,6 +3,7 @@ through DeepSpeed's Universal Checkpoint, the loss curve goes on as the 2-rank r
 samples, and the conversion is kept for the next resume."""
 import json
 import shutil
+import sys
 
 import pytest
 
@@ -34,12 +35,17 @@ def checkpoint_copy(two_rank_run, run_dir):
 @pytest.mark.parametrize("ranks", [1, 4])
 def test_a_two_rank_zero3_checkpoint_continues_on_other_world_sizes(tmp_path, two_rank_run, ranks):
     checkpoint = checkpoint_copy(two_rank_run, tmp_path)
+    converted_ahead = ranks == 4  # by tools/convert_to_universal.py; the 1-rank run converts it itself
+    if converted_ahead:
+        tool = run_any([sys.executable, "tools/convert_to_universal.py", str(checkpoint)])
+        assert f"universal checkpoint: {checkpoint / UNIVERSAL}" in tool.stdout
     result = run(train_cmd(tmp_path, *ZERO3, "--set", f"train.micro_batch_size={32 // ranks}", "--resume", "auto",
                            ranks=ranks, port=29732 + ranks))
     said = words(result)
     assert f"written by 2 rank(s), this run has {ranks}" in said
     assert f"trained {STEPS - SAVED_AT} steps (to step {STEPS}" in said
     assert (checkpoint / UNIVERSAL / CONVERTED).is_file()  # kept for a later resume
+    assert ("to a DeepSpeed Universal Checkpoint" in said) != converted_ahead
     expected, resumed = train_records(two_rank_run), train_records(tmp_path)
     assert sorted(resumed) == list(range(SAVED_AT + 1, STEPS + 1))
     assert resumed[STEPS]["loss"] < expected[1]["loss"]  # it trains

@@ -1,10 +1,13 @@
 """megapgs/train/reshard.py without a training run: when a resume needs DeepSpeed's Universal
 Checkpoint, and a conversion that fails leaves nothing behind and says what to do."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from megapgs.config import REPO_ROOT
 from megapgs.train.checkpoint import COMPLETE
 from megapgs.train.reshard import ReshardError, convert_to_universal, needs_universal
 
@@ -34,3 +37,15 @@ def test_a_failed_conversion_leaves_nothing_and_names_the_way_out(tmp_path):
         convert_to_universal(checkpoint)
     assert sorted(p.name for p in checkpoint.iterdir()) == [COMPLETE, *(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
                                                                       for r in (0, 1))]
+
+
+def test_the_conversion_tool_refuses_what_is_not_a_checkpoint_and_passes_zero0(tmp_path):
+    def tool(path):
+        return subprocess.run([sys.executable, "tools/convert_to_universal.py", str(path)], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    refused = tool(tmp_path)
+    assert refused.returncode == 2 and "not a complete megapgs checkpoint" in refused.stderr
+    zero0 = tool(fake_checkpoint(tmp_path / "zero0", 2, zero_files=False))
+    assert zero0.returncode == 0 and "resumes on any number of ranks as it is" in zero0.stdout
+    assert not (tmp_path / "zero0" / "universal").exists()
