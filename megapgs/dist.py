@@ -65,8 +65,11 @@ def _env_int(name: str, default: int) -> int:
 
 
 def process_group_backend(device: torch.device) -> str:
-    """NCCL for CUDA tensors and gloo for CPU ones on a GPU; gloo alone on the CPU."""
-    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    """NCCL for CUDA tensors and gloo for CPU ones on a GPU; gloo alone on the CPU, named the same way
+    ("cpu:gloo", a device-to-backend map like the GPU's) so that torch takes the same code paths on
+    both: `get_backend()` is then not the plain "gloo" on either (e.g. torch.distributed.nn's
+    all_gather backward branches on it), and the CPU tests run the GPU's branch."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "cpu:gloo"
 
 
 def _free_port() -> int:

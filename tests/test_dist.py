@@ -123,7 +123,7 @@ def test_skip_counts_are_reduced_through_dist_py(monkeypatch):
 
 def test_the_gpu_process_group_has_a_cpu_backend():
     assert process_group_backend(torch.device("cuda", 3)) == "cpu:gloo,cuda:nccl"
-    assert process_group_backend(torch.device("cpu")) == "gloo"
+    assert process_group_backend(torch.device("cpu")) == "cpu:gloo"
 
 
 GROUP_SCRIPT = """

@@ -15,7 +15,7 @@ from megapgs.data.eval_data import eval_units, iter_unit_batches, rank_units
 from megapgs.data.faults import SkipCounter
 from megapgs.data.shards import read_shard
 from megapgs.data.tokenizer import Tokenizer
-from megapgs.dist import DistInfo, all_reduce_sum
+from megapgs.dist import DistInfo, all_reduce_sum, process_group_backend
 from megapgs.evals.evaluate import evaluate_batches
 from tests.data.faulty_shards import CUT_SAMPLE, SHARD_SIZE, TRUNCATED_SHARD, write_faulty_shards
 
@@ -107,7 +107,8 @@ def _rank(rank, world_size, port, shards, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if world_size > 1:
-        tdist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+        tdist.init_process_group(process_group_backend(torch.device("cpu")), rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=60))
     dist = DistInfo(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
     torch.manual_seed(0)
     from megapgs.models.clip import build_model

@@ -9,7 +9,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from megapgs.dist import DistInfo
+from megapgs.dist import DistInfo, process_group_backend
 from megapgs.train.loss import ContrastiveLoss
 
 B, E, WORLD = 4, 8, 2
@@ -36,7 +36,7 @@ def one_process(kind: str):
 
 def _worker(rank: int, port: int, kind: str, local_loss: bool, gather_with_grad: bool, out: dict):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tdist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    tdist.init_process_group(process_group_backend(torch.device("cpu")), rank=rank, world_size=WORLD)  # as runs do
     try:
         image, text = features()
         image = image[rank * B:(rank + 1) * B].clone().requires_grad_(True)
