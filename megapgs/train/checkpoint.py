@@ -156,7 +156,7 @@ def load_checkpoint(engine, path: Path, dist: DistInfo) -> TrainState:
     load_dir, tag = path.parent, path.name
     resharded = marker["world_size"] != dist.world_size
     old_loaders = [payload["loader"] for payload in reshard.old_rank_payloads(path)] if resharded else None
-    universal = resharded and reshard.needs_universal(path, dist.world_size)
+    universal = engine.load_universal_checkpoint()  # decided when the engine was built (loop.py)
     if universal:
         load_dir, tag = path, reshard.universal_checkpoint(path, dist).name
     with reshard.universal_load_repaired(engine.optimizer) if universal else contextlib.nullcontext():
